@@ -1,0 +1,303 @@
+"""Gradient combiners: turn an objective's keep and forget terms into gradients in `.grad`.
+
+Three combiners cover every method in the package:
+
+* `SumCombiner`:        g = grad(keep) + grad(forget)
+* `FixedNormCombiner`:  g = grad(keep) + c * grad(forget) / ||grad(forget)||   (SISS, reference form)
+* `BOMECombiner`:       g = grad(keep) + lam * grad(forget),
+                        lam = max(eta - <grad(keep), grad(forget)> / ||grad(forget)||^2, 0)   (EraseDiff)
+
+A combiner runs under a plain PyTorch loop or under `accelerate`: the final backward goes
+through `accelerator.backward`, so loss scaling, gradient accumulation and DDP all apply.
+Gradients measured with `torch.autograd.grad` fire no DDP hooks, so they are averaged
+across processes by hand: the norms are those of the all-reduced gradients.
+
+A zero forget gradient always gives a zero forget contribution, never inf or NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .objectives.base import LossTerms
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or gradient became inf or NaN; raised before the optimizer steps."""
+
+
+class _Backend:
+    """What a combiner needs from the training loop: backward, loss scale, accumulation, all-reduce."""
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator
+
+    @property
+    def loss_scale(self) -> float:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    @property
+    def accumulation_steps(self) -> int:
+        return int(getattr(self.accelerator, "gradient_accumulation_steps", 1) or 1)
+
+    @property
+    def num_processes(self) -> int:
+        return int(getattr(self.accelerator, "num_processes", 1) or 1)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def mean_over_processes(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.num_processes == 1:
+            return tensors
+        return self.accelerator.reduce(tensors, reduction="mean")
+
+
+def _gradients(loss: torch.Tensor, params: Sequence[torch.nn.Parameter], scale: float) -> list[torch.Tensor]:
+    """d(loss)/d(params) without touching `.grad`; the graph is kept for the final backward.
+
+    The loss is multiplied by the mixed-precision loss scale first (so fp16 activation
+    gradients do not underflow) and the result divided by it again.
+    """
+    if not loss.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad(loss * scale, list(params), retain_graph=True, allow_unused=True)
+    return [
+        torch.zeros_like(p) if g is None else (g / scale if scale != 1.0 else g) for g, p in zip(grads, params)
+    ]
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    if len(tensors) == 0:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
+def _dot(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros((), device=first[0].device if first else "cpu")
+    for a, b in zip(first, second):
+        total = total + (a.float() * b.float()).sum()
+    return total
+
+
+def _check_finite_loss(terms: LossTerms, step: Optional[int]) -> None:
+    for name in ("keep", "forget"):
+        value = getattr(terms, name)
+        if value is not None and not torch.isfinite(value.detach()).all():
+            raise NonFiniteError(
+                f"Non-finite {name} loss ({value.detach().float().item()}) at step {step}. "
+                "No weights were changed. Lower the learning rate, check the input data, or use fp32."
+            )
+
+
+def _check_finite_norm(norm: torch.Tensor, term: str, step: Optional[int]) -> None:
+    if not torch.isfinite(norm):
+        raise NonFiniteError(
+            f"Non-finite gradient of the {term} term at step {step}. No weights were changed. "
+            "Lower the learning rate or the method's forget weight."
+        )
+
+
+class SumCombiner:
+    """Plain sum of the terms: one backward pass."""
+
+    name = "sum"
+
+    def backward(
+        self,
+        terms: LossTerms,
+        params: Sequence[torch.nn.Parameter],
+        accelerator=None,
+        step: Optional[int] = None,
+    ) -> dict[str, float]:
+        _check_finite_loss(terms, step)
+        parts = [t for t in (terms.keep, terms.forget) if t is not None]
+        if not parts:
+            raise ValueError("The objective returned neither a keep nor a forget term.")
+        total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        _Backend(accelerator).backward(total)
+        return {}
+
+
+class FixedNormCombiner:
+    """SISS's reference update: the forget gradient rescaled to a fixed norm `c`.
+
+    g = grad(keep) + c * grad(forget) / ||grad(forget)||. (SISS returns forget = -L_a, so this is
+    g_x - c * g_a / ||g_a||.)
+
+    Cost: one extra backward pass to measure ||grad(forget)||; the gradient itself is dropped
+    and the final update is one ordinary backward of keep + (c / ||g_f||) * forget, which by
+    linearity has exactly the gradient above. No parameter-sized buffer is kept.
+
+    Args:
+        scaling_norm: c. If None, c is calibrated once, on the first call, as
+            `relative_norm * ||grad(keep)||` (the rule of thumb: 10% of the keep gradient's norm).
+        relative_norm: the fraction used for that calibration.
+        norm_refresh_every: 1 (default) measures ||grad(forget)|| exactly at every step. N > 1 reuses
+            the last measured norm for N - 1 steps (an approximation: the direction of the forget
+            gradient stays exact, its length is lagged), which saves the extra backward pass.
+    """
+
+    name = "fixed_norm"
+
+    def __init__(
+        self,
+        scaling_norm: Optional[float] = None,
+        relative_norm: float = 0.1,
+        norm_refresh_every: int = 1,
+    ):
+        if scaling_norm is not None and not scaling_norm >= 0:
+            raise ValueError(f"scaling_norm must be >= 0, got {scaling_norm}.")
+        if not relative_norm > 0:
+            raise ValueError(f"relative_norm must be > 0, got {relative_norm}.")
+        if int(norm_refresh_every) < 1:
+            raise ValueError(f"norm_refresh_every must be >= 1, got {norm_refresh_every}.")
+        self.scaling_norm = None if scaling_norm is None else float(scaling_norm)
+        self.relative_norm = float(relative_norm)
+        self.norm_refresh_every = int(norm_refresh_every)
+        self._calls = 0
+        self._last_forget_norm: Optional[float] = None
+
+    def state_dict(self) -> dict:
+        return {
+            "scaling_norm": self.scaling_norm,
+            "calls": self._calls,
+            "last_forget_norm": self._last_forget_norm,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scaling_norm = state["scaling_norm"]
+        self._calls = int(state["calls"])
+        self._last_forget_norm = state["last_forget_norm"]
+
+    def backward(
+        self,
+        terms: LossTerms,
+        params: Sequence[torch.nn.Parameter],
+        accelerator=None,
+        step: Optional[int] = None,
+    ) -> dict[str, float]:
+        _check_finite_loss(terms, step)
+        backend = _Backend(accelerator)
+        logs: dict[str, float] = {}
+        if terms.forget is None:
+            backend.backward(terms.keep)
+            return logs
+
+        if self.scaling_norm is None:
+            keep_grads = _gradients(terms.keep, params, backend.loss_scale) if terms.keep is not None else []
+            keep_norm = _norm(backend.mean_over_processes(keep_grads))
+            _check_finite_norm(keep_norm, "keep", step)
+            del keep_grads
+            self.scaling_norm = self.relative_norm * float(keep_norm)
+            logs["calibrated_scaling_norm"] = self.scaling_norm
+
+        refresh = self._last_forget_norm is None or self._calls % self.norm_refresh_every == 0
+        if refresh:
+            forget_grads = _gradients(terms.forget, params, backend.loss_scale)
+            forget_norm = _norm(backend.mean_over_processes(forget_grads))
+            del forget_grads
+            _check_finite_norm(forget_norm, "forget", step)
+            self._last_forget_norm = float(forget_norm)
+        self._calls += 1
+
+        forget_norm = self._last_forget_norm
+        coefficient = 0.0 if forget_norm == 0.0 else self.scaling_norm / forget_norm
+        total = terms.forget * coefficient
+        if terms.keep is not None:
+            total = terms.keep + total
+        backend.backward(total)
+        logs["forget_grad_norm"] = forget_norm
+        logs["forget_coefficient"] = coefficient
+        return logs
+
+
+class BOMECombiner:
+    """EraseDiff's adaptive weight (BOME): g = grad(keep) + lam * grad(forget),
+
+    lam = max(eta - <grad(keep), grad(forget)> / ||grad(forget)||^2, 0).
+
+    Two backward passes: `torch.autograd.grad` measures grad(forget); the ordinary backward of
+    the keep term fills `.grad` while parameter hooks read this pass's keep gradient for the
+    inner product; then lam * grad(forget) is added to `.grad` with the same loss scale and
+    accumulation factor that `accelerator.backward` applied to the keep term.
+    """
+
+    name = "bome"
+
+    def __init__(self, eta: float = 1e-3):
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}.")
+        self.eta = float(eta)
+
+    def backward(
+        self,
+        terms: LossTerms,
+        params: Sequence[torch.nn.Parameter],
+        accelerator=None,
+        step: Optional[int] = None,
+    ) -> dict[str, float]:
+        _check_finite_loss(terms, step)
+        backend = _Backend(accelerator)
+        if terms.forget is None or terms.keep is None:
+            backend.backward(terms.keep if terms.keep is not None else terms.forget)
+            return {}
+
+        params = list(params)
+        scale = backend.loss_scale
+        forget_grads = backend.mean_over_processes(_gradients(terms.forget, params, scale))
+        forget_norm_sq = _dot(forget_grads, forget_grads)
+        _check_finite_norm(forget_norm_sq, "forget", step)
+
+        # The hooks see this backward's keep gradient before it is accumulated into .grad
+        # (and before DDP averages it), already multiplied by loss scale / accumulation steps.
+        factor = scale / backend.accumulation_steps
+        inner = [torch.zeros((), device=params[0].device)]
+
+        def make_hook(forget_grad):
+            def hook(grad):
+                inner[0] = inner[0] + (grad.float() * forget_grad.float()).sum()
+                return grad
+
+            return hook
+
+        handles = [p.register_hook(make_hook(g)) for p, g in zip(params, forget_grads) if p.requires_grad]
+        try:
+            backend.backward(terms.keep)
+        finally:
+            for handle in handles:
+                handle.remove()
+        keep_dot_forget = backend.mean_over_processes([inner[0] / factor])[0]
+
+        if float(forget_norm_sq) == 0.0:
+            weight = 0.0
+        else:
+            weight = max(self.eta - float(keep_dot_forget) / float(forget_norm_sq), 0.0)
+        if not math.isfinite(weight):
+            _check_finite_norm(torch.tensor(weight), "keep", step)
+        if weight > 0.0:
+            with torch.no_grad():
+                for p, g in zip(params, forget_grads):
+                    contribution = (g * (weight * factor)).to(p.dtype)
+                    if p.grad is None:
+                        p.grad = contribution.clone()
+                    else:
+                        p.grad.add_(contribution)
+        return {
+            "bome_weight": weight,
+            "forget_grad_norm": float(forget_norm_sq) ** 0.5,
+            "keep_dot_forget": float(keep_dot_forget),
+        }
+
+
+def combined_gradient_norm(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all `.grad`s (inf or NaN if any gradient is non-finite)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return _norm(grads)

@@ -1,0 +1,120 @@
+"""Noise-schedule quantities, prediction-type conversions and the per-sample denoising loss.
+
+Every objective in this package works in epsilon space: whatever a model predicts
+(`epsilon`, `v_prediction` or `sample`), its output is converted to an estimate of the
+noise before any loss is taken. The forward process is
+
+    x_t = gamma_t * x_0 + sigma_t * eps,   gamma_t = sqrt(alpha_bar_t),  sigma_t = sqrt(1 - alpha_bar_t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class NoiseSchedule:
+    """gamma_t and sigma_t for every training timestep of a diffusers scheduler.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> schedule = NoiseSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
+        >>> schedule.num_train_timesteps
+        1000
+    """
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"Unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}."
+            )
+        self.alphas_cumprod = self.alphas_cumprod.detach().to(torch.float64)
+        self.gamma = self.alphas_cumprod.sqrt()
+        self.sigma = (1.0 - self.alphas_cumprod).sqrt()
+
+    @classmethod
+    def from_scheduler(cls, scheduler, prediction_type: Optional[str] = None) -> "NoiseSchedule":
+        """Read `alphas_cumprod` (and `prediction_type`, unless given) from any diffusers scheduler."""
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise ValueError(
+                f"{type(scheduler).__name__} has no `alphas_cumprod`; use a DDPM/DDIM-style scheduler "
+                "(for example DDPMScheduler.from_pretrained(model_dir, subfolder='scheduler'))."
+            )
+        if prediction_type is None:
+            prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+        return cls(torch.as_tensor(scheduler.alphas_cumprod), prediction_type)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gamma_t and sigma_t for a batch of timesteps, shaped to broadcast against `like`."""
+        index = timesteps.to(self.gamma.device, torch.long)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        gamma = self.gamma[index].to(like.device, like.dtype).reshape(shape)
+        sigma = self.sigma[index].to(like.device, like.dtype).reshape(shape)
+        return gamma, sigma
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        gamma, sigma = self.coefficients(timesteps, x0)
+        return gamma * x0 + sigma * noise
+
+    def sample_timesteps(
+        self,
+        batch_size: int,
+        device: torch.device,
+        generator: Optional[torch.Generator] = None,
+        timestep_range: Optional[tuple[int, int]] = None,
+    ) -> torch.Tensor:
+        """Uniform timesteps in [low, high) (the whole schedule by default)."""
+        low, high = timestep_range if timestep_range is not None else (0, self.num_train_timesteps)
+        if not 0 <= low < high <= self.num_train_timesteps:
+            raise ValueError(
+                f"timestep_range {(low, high)} must satisfy 0 <= low < high <= {self.num_train_timesteps}."
+            )
+        gen_device = generator.device if generator is not None else "cpu"
+        t = torch.randint(low, high, (batch_size,), generator=generator, device=gen_device)
+        return t.to(device)
+
+    def to_epsilon(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """Convert a model output of this schedule's prediction type to a noise estimate."""
+        if self.prediction_type == "epsilon":
+            return model_output
+        gamma, sigma = self.coefficients(timesteps, x_t)
+        if self.prediction_type == "v_prediction":
+            # v = gamma * eps - sigma * x0 and x_t = gamma * x0 + sigma * eps  =>  eps = sigma * x_t + gamma * v
+            return sigma * x_t + gamma * model_output
+        # sample prediction: the output is x0
+        return (x_t - gamma * model_output) / sigma
+
+    def epsilon_to_prediction(
+        self, epsilon: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """The inverse of `to_epsilon`: what a model of this prediction type should output."""
+        if self.prediction_type == "epsilon":
+            return epsilon
+        gamma, sigma = self.coefficients(timesteps, x_t)
+        if self.prediction_type == "v_prediction":
+            return (epsilon - sigma * x_t) / gamma
+        return (x_t - sigma * epsilon) / gamma
+
+
+def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over every non-batch dimension, computed in float32.
+
+    We reduce with the MEAN over pixels (not the sum), so loss values and gradient norms do
+    not grow with resolution. SISS's fixed-norm constant is expressed against this reduction.
+    """
+    diff = prediction.float() - target.float()
+    return diff.pow(2).flatten(1).mean(dim=1)

@@ -1,0 +1,222 @@
+"""Shared pieces of every unlearning objective: batches, the denoiser call and the loss terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..noise import NoiseSchedule, per_sample_loss
+
+
+@dataclass
+class DenoisingBatch:
+    """Clean inputs (images or latents) and their conditioning.
+
+    `class_labels` serve class-conditional UNet2DModels, `encoder_hidden_states`
+    serve UNet2DConditionModels; leave both None for an unconditional model.
+    """
+
+    x0: torch.Tensor
+    class_labels: Optional[torch.Tensor] = None
+    encoder_hidden_states: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+    def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "DenoisingBatch":
+        def move(tensor, float_like):
+            if tensor is None:
+                return None
+            return tensor.to(device, dtype) if (dtype is not None and float_like) else tensor.to(device)
+
+        return DenoisingBatch(
+            move(self.x0, True),
+            move(self.class_labels, False),
+            move(self.encoder_hidden_states, True),
+        )
+
+    def same_conditioning(self, other: "DenoisingBatch") -> bool:
+        """True when both batches condition the model identically (one forward pass can serve both)."""
+        for mine, theirs in (
+            (self.class_labels, other.class_labels),
+            (self.encoder_hidden_states, other.encoder_hidden_states),
+        ):
+            if (mine is None) != (theirs is None):
+                return False
+            if mine is not None and (mine.shape != theirs.shape or not torch.equal(mine, theirs)):
+                return False
+        return True
+
+
+def concat_conditioning(first: DenoisingBatch, second: DenoisingBatch) -> DenoisingBatch:
+    """Stack the conditioning of two batches along the batch axis (x0 is stacked too)."""
+
+    def cat(a, b):
+        return None if a is None else torch.cat([a, b], dim=0)
+
+    return DenoisingBatch(
+        torch.cat([first.x0, second.x0], dim=0),
+        cat(first.class_labels, second.class_labels),
+        cat(first.encoder_hidden_states, second.encoder_hidden_states),
+    )
+
+
+class Denoiser:
+    """A UNet plus the noise schedule it was trained with; returns noise estimates.
+
+    Works with unconditional and class-conditional `UNet2DModel`s and with
+    `UNet2DConditionModel`s, whatever their `prediction_type`.
+
+    Example:
+        >>> denoiser = Denoiser(unet, NoiseSchedule.from_scheduler(scheduler))
+        >>> eps_hat = denoiser(x_t, timesteps, batch)
+    """
+
+    def __init__(self, model: torch.nn.Module, schedule: NoiseSchedule):
+        self.model = model
+        self.schedule = schedule
+
+    def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor, batch: DenoisingBatch) -> torch.Tensor:
+        kwargs = {}
+        if batch.class_labels is not None:
+            kwargs["class_labels"] = batch.class_labels
+        if batch.encoder_hidden_states is not None:
+            kwargs["encoder_hidden_states"] = batch.encoder_hidden_states
+        output = self.model(x_t, timesteps, **kwargs)
+        output = output.sample if hasattr(output, "sample") else output
+        return self.schedule.to_epsilon(output, x_t, timesteps)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Gaussian noise shaped like `x`, drawn on the generator's device so results are seed-stable."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device, x.dtype)
+
+
+def rand_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Uniform [0, 1) noise shaped like `x` (EraseDiff's target)."""
+    device = generator.device if generator is not None else x.device
+    return torch.rand(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device, x.dtype)
+
+
+def denoising_loss(
+    denoiser: Denoiser,
+    batch: DenoisingBatch,
+    generator: Optional[torch.Generator] = None,
+    timestep_range: Optional[tuple[int, int]] = None,
+    target: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-sample ||eps_theta(gamma_t x + sigma_t eps, t, c) - eps||^2 at one random t and eps.
+
+    With `target` the prediction is compared against that tensor instead of eps.
+    """
+    schedule = denoiser.schedule
+    timesteps = schedule.sample_timesteps(len(batch), batch.x0.device, generator, timestep_range)
+    noise = randn_like(batch.x0, generator)
+    x_t = schedule.add_noise(batch.x0, noise, timesteps)
+    prediction = denoiser(x_t, timesteps, batch)
+    return per_sample_loss(prediction, noise if target is None else target)
+
+
+@dataclass
+class LossTerms:
+    """What an objective returns: the terms a combiner turns into one update.
+
+    Convention: every term is a loss to MINIMISE; the combiner decides how their
+    gradients are weighted (see `diffusers_unlearn.gradients`). Either term may be None.
+    """
+
+    keep: Optional[torch.Tensor] = None
+    forget: Optional[torch.Tensor] = None
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+class UnlearningObjective:
+    """Base class. Subclasses set `name`, validate hyperparameters in `__init__`,
+    and implement `__call__(denoiser, forget_batch, keep_batch, generator) -> LossTerms`.
+
+    Objectives are pure: they build losses and never step an optimizer.
+    """
+
+    name: str = ""
+    #: Whether the objective needs a keep batch at every step.
+    needs_keep: bool = True
+    #: Whether the objective needs a forget batch at every step.
+    needs_forget: bool = True
+
+    def __init__(self, timestep_range: Optional[tuple[int, int]] = None):
+        if timestep_range is not None:
+            low, high = timestep_range
+            if not 0 <= low < high:
+                raise ValueError(f"timestep_range must satisfy 0 <= low < high, got {timestep_range}.")
+            timestep_range = (int(low), int(high))
+        self.timestep_range = timestep_range
+
+    def make_combiner(self):
+        """The gradient combiner this objective's terms are meant for (plain sum by default)."""
+        from ..gradients import SumCombiner
+
+        return SumCombiner()
+
+    def prepare(self, denoiser: Denoiser, forget_batch: Optional[DenoisingBatch] = None) -> None:
+        """One-time setup before training (for example reference weights). No-op by default."""
+
+    def hyperparameters(self) -> dict:
+        """Plain-data hyperparameters, for reports and model cards."""
+        return {
+            key: value
+            for key, value in vars(self).items()
+            if not key.startswith("_") and isinstance(value, (int, float, str, bool, tuple, list, type(None)))
+        }
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        forget_batch: Optional[DenoisingBatch],
+        keep_batch: Optional[DenoisingBatch] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> LossTerms:
+        raise NotImplementedError
+
+    def _check_batches(self, forget_batch, keep_batch) -> None:
+        if self.needs_forget and forget_batch is None:
+            raise ValueError(f"Objective {self.name!r} needs a forget batch.")
+        if self.needs_keep and keep_batch is None:
+            raise ValueError(
+                f"Objective {self.name!r} needs a keep batch; give a keep set "
+                "(for example --keep_data_dir or --keep_from_generations)."
+            )
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({params})"
+
+
+def check_unit_interval(name: str, value: float, open_low: bool = False, open_high: bool = False) -> float:
+    value = float(value)
+    low_ok = value > 0 if open_low else value >= 0
+    high_ok = value < 1 if open_high else value <= 1
+    if not (low_ok and high_ok):
+        low = "(0" if open_low else "[0"
+        high = "1)" if open_high else "1]"
+        raise ValueError(f"{name} must be in {low}, {high}, got {value}.")
+    return value
+
+
+def check_non_negative(name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {value}.")
+    return value
+
+
+def check_positive(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}.")
+    return value

@@ -1,0 +1,158 @@
+"""One unlearning optimizer step, shared by both training scripts.
+
+The step works with or without `accelerate`. Under accelerate it honours gradient
+accumulation (`accelerator.accumulate`), mixed precision (autocast and the fp16 loss
+scaler) and several processes (DDP; combiners average their extra gradients by hand).
+
+Safety: every loss term is checked before any backward pass, and the gradient norm before
+the optimizer steps. A non-finite value raises `NonFiniteError` naming the step and the
+term, with the gradients cleared and the weights exactly as they were before the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from .gradients import NonFiniteError, combined_gradient_norm
+from .objectives.base import DenoisingBatch, Denoiser, UnlearningObjective
+
+
+@dataclass
+class StepOutput:
+    """What one call to `Unlearner.step` reports."""
+
+    logs: dict[str, float] = field(default_factory=dict)
+    #: True when this micro-batch ended an optimizer step (always True without accumulation).
+    optimizer_stepped: bool = True
+
+
+class Unlearner:
+    """Runs an objective, its gradient combiner and the optimizer, one batch at a time.
+
+    Args:
+        objective: from `get_objective(...)`.
+        denoiser: the model (already `accelerator.prepare`d, if using accelerate) and its schedule.
+        optimizer: over the trainable parameters.
+        accelerator: an `accelerate.Accelerator`, or None for a plain PyTorch loop.
+        lr_scheduler: stepped after every optimizer step.
+        max_grad_norm: clip the total gradient norm to this value (None or 0 disables clipping).
+
+    Example:
+        >>> unlearner = Unlearner(get_objective("siss"), denoiser, optimizer)
+        >>> for step in range(100):
+        ...     out = unlearner.step(forget_batch, keep_batch, generator=g)
+        ...     print(out.logs["loss_keep"], out.logs["loss_forget"])
+    """
+
+    def __init__(
+        self,
+        objective: UnlearningObjective,
+        denoiser: Denoiser,
+        optimizer: torch.optim.Optimizer,
+        accelerator=None,
+        lr_scheduler=None,
+        max_grad_norm: Optional[float] = 1.0,
+    ):
+        if max_grad_norm is not None and max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm}.")
+        self.objective = objective
+        self.denoiser = denoiser
+        self.optimizer = optimizer
+        self.accelerator = accelerator
+        self.lr_scheduler = lr_scheduler
+        self.max_grad_norm = max_grad_norm
+        self.combiner = objective.make_combiner()
+        self.optimizer_steps = 0
+        # A list, not a generator: clipping must see every parameter (a consumed `filter`
+        # iterator would silently clip nothing).
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
+
+    # Checkpointing: accelerate's `register_for_checkpointing` saves and restores this.
+    def state_dict(self) -> dict:
+        state = {"optimizer_steps": self.optimizer_steps}
+        if hasattr(self.combiner, "state_dict"):
+            state["combiner"] = self.combiner.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer_steps = int(state["optimizer_steps"])
+        if "combiner" in state and hasattr(self.combiner, "load_state_dict"):
+            self.combiner.load_state_dict(state["combiner"])
+
+    def _accumulate(self):
+        if self.accelerator is None:
+            return contextlib.nullcontext()
+        return self.accelerator.accumulate(self.denoiser.model)
+
+    def _syncs_now(self) -> bool:
+        return True if self.accelerator is None else bool(self.accelerator.sync_gradients)
+
+    def step(
+        self,
+        forget_batch: Optional[DenoisingBatch],
+        keep_batch: Optional[DenoisingBatch],
+        generator: Optional[torch.Generator] = None,
+    ) -> StepOutput:
+        """One micro-batch: losses, gradients, and (when accumulation completes) an optimizer step."""
+        step_number = self.optimizer_steps + 1
+        with self._accumulate():
+            terms = self.objective(self.denoiser, forget_batch, keep_batch, generator=generator)
+            try:
+                logs = self.combiner.backward(terms, self.parameters, self.accelerator, step=step_number)
+            except NonFiniteError:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise
+            logs = dict(logs)
+            for name in ("keep", "forget"):
+                value = getattr(terms, name)
+                if value is not None:
+                    logs[f"term_{name}"] = float(value.detach())
+            for key, value in terms.logs.items():
+                logs[key] = float(value.detach()) if torch.is_tensor(value) else float(value)
+
+            stepped = self._syncs_now()
+            if stepped:
+                logs["grad_norm"] = self._clip_and_check(step_number)
+                self.optimizer.step()
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer_steps += 1
+                logs["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return StepOutput(logs=logs, optimizer_stepped=stepped)
+
+    def _clip_and_check(self, step_number: int) -> float:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if self.max_grad_norm:
+            if self.accelerator is not None:
+                norm = self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        else:
+            if scaler is not None:
+                self.accelerator.unscale_gradients()
+            norm = combined_gradient_norm(self.parameters)
+        norm = float(norm)
+        # Under fp16 the loss scaler skips steps with overflowing gradients by design.
+        if not torch.isfinite(torch.tensor(norm)) and scaler is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"Non-finite gradient of the combined keep + forget update at step {step_number}. "
+                "No weights were changed. Lower the learning rate or the method's forget weight."
+            )
+        return norm
+
+
+def cycle(batches: Iterable) -> Iterator:
+    """Loop over a finite iterable forever (a DataLoader is re-iterated, reshuffling each pass)."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("Cannot cycle over an empty set of batches.")
