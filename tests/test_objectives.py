@@ -171,3 +171,37 @@ def test_vdu_plasticity_is_bounded():
     objective.prepare(denoiser, forget)
     terms = objective(denoiser, forget, None, generator=torch.Generator().manual_seed(0))
     assert terms.forget.item() == 0.0
+
+
+@pytest.mark.parametrize("precision", ["l2", "checkpoints"])
+def test_vdu_lora_delta_form_agrees_with_the_full_weight_form(precision):
+    from diffusers_unlearn.lora import add_lora, as_plain_unet
+
+    denoiser, forget, _ = batches("unconditional")
+    base_state = {n: p.detach().clone() for n, p in denoiser.model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    checkpoints = [{n: p + 0.01 * torch.randn(p.shape, generator=g) for n, p in base_state.items()} for _ in range(3)]
+
+    model = add_lora(denoiser.model, rank=2, lora_alpha=4, targets="attention_conv")
+    denoiser.model = model
+    objective = get_objective("vdu", precision=precision, checkpoints=checkpoints)
+    objective.prepare(denoiser, forget)
+    assert objective.stability_regularizer(model).item() == 0.0  # B = 0 at initialisation
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    lora_form = objective.stability_regularizer(model)
+
+    # Full-weight form on the merged model: sum_i pi_i (W_i - W*_i)^2 / 2 over the adapted weights.
+    model.fuse_lora()
+    model.unload_lora()
+    merged = dict(as_plain_unet(model).named_parameters())
+    full_form = sum(
+        (objective.precision_of(name, merged[name]) * (merged[name] - base_state[name]).pow(2)).sum() / 2
+        for name in objective.regularized_names()
+    )
+    torch.testing.assert_close(lora_form, full_form, rtol=1e-4, atol=1e-8)
+    # And every other weight is untouched by the merge.
+    others = set(base_state) - set(objective.regularized_names())
+    assert all(torch.equal(merged[n], base_state[n]) for n in others)

@@ -207,6 +207,7 @@ class VDU(UnlearningObjective):
         self._precision: Optional[dict[str, torch.Tensor]] = None
         self._lora = False
         self._prepared = False
+        self._names: list[str] = []
 
     # -- setup -------------------------------------------------------------------------------
     def prepare(
@@ -221,6 +222,7 @@ class VDU(UnlearningObjective):
         parameters = _regularized_base_parameters(model)
         if not parameters:
             raise ValueError("VDU found no parameters to regularize: make some parameters trainable or add LoRA.")
+        self._names = list(parameters)
         # With LoRA theta* is a zero delta, so no reference copy is needed.
         self._reference = None if self._lora else {n: p.detach().clone() for n, p in parameters.items()}
 
@@ -241,6 +243,10 @@ class VDU(UnlearningObjective):
                 )
             self._precision = normalize_precision(diagonal_fisher(denoiser, samples, parameters, generator))
         self._prepared = True
+
+    def regularized_names(self) -> list[str]:
+        """Names (as in the model without adapters) of the weights the stability term covers."""
+        return list(self._names)
 
     def precision_of(self, name: str, like: torch.Tensor) -> torch.Tensor | float:
         if self._precision is None:
