@@ -156,3 +156,41 @@ def cycle(batches: Iterable) -> Iterator:
             yield batch
         if empty:
             raise ValueError("Cannot cycle over an empty set of batches.")
+
+
+def step_generator(seed: int, step: int, micro_step: int = 0, process_index: int = 0, device="cpu") -> torch.Generator:
+    """A generator determined by (seed, optimizer step, micro-batch, process).
+
+    Drawing every batch and every noise tensor from it makes a resumed run draw exactly what
+    an uninterrupted run would have, without saving RNG states.
+    """
+    value = ((seed * 1_000_003 + step) * 1_009 + micro_step) * 1_013 + process_index
+    return torch.Generator(device).manual_seed(value % (2**63 - 1))
+
+
+@dataclass
+class BatchPool:
+    """Tensors of one set (forget or keep) kept in memory, sampled uniformly with replacement.
+
+    `x0` are images or cached latents; `class_labels` / `encoder_hidden_states` (cached prompt
+    embeddings) are optional and indexed alongside.
+    """
+
+    x0: torch.Tensor
+    class_labels: Optional[torch.Tensor] = None
+    encoder_hidden_states: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if len(self.x0) == 0:
+            raise ValueError("A batch pool needs at least one item.")
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+    def sample(self, batch_size: int, generator: torch.Generator, device=None) -> DenoisingBatch:
+        index = torch.randint(0, len(self), (batch_size,), generator=generator)
+
+        def pick(tensor):
+            return None if tensor is None else tensor[index].to(device or tensor.device)
+
+        return DenoisingBatch(pick(self.x0), pick(self.class_labels), pick(self.encoder_hidden_states))
