@@ -194,3 +194,52 @@ class BatchPool:
             return None if tensor is None else tensor[index].to(device or tensor.device)
 
         return DenoisingBatch(pick(self.x0), pick(self.class_labels), pick(self.encoder_hidden_states))
+
+
+TRAINABLE_WEIGHTS_NAME = "trainable_weights.safetensors"
+
+
+def save_trainable_state(model: torch.nn.Module, directory: str) -> str:
+    """Write the trainable parameters (the LoRA factors, or every weight when fully fine-tuning)
+    to one safetensors file, atomically. Used by checkpoints: the frozen base is not copied."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    state = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, TRAINABLE_WEIGHTS_NAME)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_trainable_state(model: torch.nn.Module, directory: str) -> None:
+    """Copy the weights written by `save_trainable_state` back into `model` (names must match)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, TRAINABLE_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: is {directory} a checkpoint of this script?")
+    state = load_file(path)
+    params = dict(model.named_parameters())
+    missing = sorted(set(p for p, v in params.items() if v.requires_grad) - set(state))
+    unknown = sorted(set(state) - set(params))
+    if missing or unknown:
+        raise ValueError(
+            f"Checkpoint {directory} does not match the model (missing {missing[:3]}, unexpected {unknown[:3]}). "
+            "Resume with the same --train_mode, --rank and --lora_targets."
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))

@@ -148,6 +148,10 @@ class UnlearningObjective:
     needs_keep: bool = True
     #: Whether the objective needs a forget batch at every step.
     needs_forget: bool = True
+    #: Command-line flags `--{flag_prefix}_{hyperparameter}` set this objective's hyperparameters.
+    flag_prefix: str = ""
+    #: Flag names that differ from the hyperparameter name, e.g. {"lambda": "lam"}.
+    flag_aliases: dict = {}
 
     def __init__(self, timestep_range: Optional[tuple[int, int]] = None):
         if timestep_range is not None:

@@ -54,6 +54,7 @@ class NegGrad(UnlearningObjective):
     """
 
     name = "neggrad"
+    flag_prefix = "neggrad"
 
     def __init__(self, alpha: float = 1.0, keep_weight: float = 0.0, timestep_range=None):
         super().__init__(timestep_range)

@@ -55,6 +55,8 @@ class EraseDiff(UnlearningObjective):
     """
 
     name = "erasediff"
+    flag_prefix = "erasediff"
+    flag_aliases = {"lambda": "fixed_lambda"}
 
     def __init__(
         self,

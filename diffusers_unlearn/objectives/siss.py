@@ -94,6 +94,8 @@ def _predict_for_both(
 
 
 class _SISSWeighting(UnlearningObjective):
+    flag_prefix = "siss"
+    flag_aliases = {"lambda": "lam"}
     """The two ways SISS's terms are weighted, shared by the SISS family.
 
     * fixed-norm (default, the reference code's form): keep = L_x, forget = -L_a, and the

@@ -172,6 +172,7 @@ class VDU(UnlearningObjective):
     """
 
     name = "vdu"
+    flag_prefix = "vdu"
     needs_keep = False
 
     def __init__(
