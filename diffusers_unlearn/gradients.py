@@ -36,6 +36,10 @@ class _Backend:
         self.accelerator = accelerator
 
     @property
+    def has_scaler(self) -> bool:
+        return getattr(self.accelerator, "scaler", None) is not None
+
+    @property
     def loss_scale(self) -> float:
         scaler = getattr(self.accelerator, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None else 1.0
@@ -97,8 +101,14 @@ def _check_finite_loss(terms: LossTerms, step: Optional[int]) -> None:
             )
 
 
-def _check_finite_norm(norm: torch.Tensor, term: str, step: Optional[int]) -> None:
-    if not torch.isfinite(norm):
+def _check_finite_norm(norm: torch.Tensor, term: str, step: Optional[int], backend: Optional["_Backend"] = None) -> bool:
+    """True if finite. Under an fp16 loss scaler an overflow is expected now and then: return False,
+    and the caller makes the update non-finite so the scaler skips the step and lowers its scale."""
+    if torch.isfinite(norm):
+        return True
+    if backend is not None and backend.has_scaler:
+        return False
+    if True:
         raise NonFiniteError(
             f"Non-finite gradient of the {term} term at step {step}. No weights were changed. "
             "Lower the learning rate or the method's forget weight."
@@ -194,27 +204,34 @@ class FixedNormCombiner:
         if self.scaling_norm is None:
             keep_grads = _gradients(terms.keep, params, backend.loss_scale) if terms.keep is not None else []
             keep_norm = _norm(backend.mean_over_processes(keep_grads))
-            _check_finite_norm(keep_norm, "keep", step)
             del keep_grads
-            self.scaling_norm = self.relative_norm * float(keep_norm)
-            logs["calibrated_scaling_norm"] = self.scaling_norm
+            if _check_finite_norm(keep_norm, "keep", step, backend):
+                self.scaling_norm = self.relative_norm * float(keep_norm)
+                logs["calibrated_scaling_norm"] = self.scaling_norm
 
+        overflow = False
         refresh = self._last_forget_norm is None or self._calls % self.norm_refresh_every == 0
         if refresh:
             forget_grads = _gradients(terms.forget, params, backend.loss_scale)
             forget_norm = _norm(backend.mean_over_processes(forget_grads))
             del forget_grads
-            _check_finite_norm(forget_norm, "forget", step)
-            self._last_forget_norm = float(forget_norm)
+            if _check_finite_norm(forget_norm, "forget", step, backend):
+                self._last_forget_norm = float(forget_norm)
+            else:
+                overflow = True
         self._calls += 1
 
-        forget_norm = self._last_forget_norm
-        coefficient = 0.0 if forget_norm == 0.0 else self.scaling_norm / forget_norm
+        if overflow or self.scaling_norm is None:
+            # fp16 overflow: a NaN update makes the loss scaler skip this step.
+            coefficient = float("nan")
+        else:
+            forget_norm = self._last_forget_norm
+            coefficient = 0.0 if forget_norm == 0.0 else self.scaling_norm / forget_norm
         total = terms.forget * coefficient
         if terms.keep is not None:
             total = terms.keep + total
         backend.backward(total)
-        logs["forget_grad_norm"] = forget_norm
+        logs["forget_grad_norm"] = self._last_forget_norm if self._last_forget_norm is not None else float("nan")
         logs["forget_coefficient"] = coefficient
         return logs
 
@@ -254,7 +271,9 @@ class BOMECombiner:
         scale = backend.loss_scale
         forget_grads = backend.mean_over_processes(_gradients(terms.forget, params, scale))
         forget_norm_sq = _dot(forget_grads, forget_grads)
-        _check_finite_norm(forget_norm_sq, "forget", step)
+        if not _check_finite_norm(forget_norm_sq, "forget", step, backend):
+            backend.backward(terms.keep + terms.forget * float("nan"))  # the fp16 scaler skips this step
+            return {"bome_weight": float("nan")}
 
         # The hooks see this backward's keep gradient before it is accumulated into .grad
         # (and before DDP averages it), already multiplied by loss scale / accumulation steps.

@@ -45,7 +45,7 @@ class Unlearner:
         >>> unlearner = Unlearner(get_objective("siss"), denoiser, optimizer)
         >>> for step in range(100):
         ...     out = unlearner.step(forget_batch, keep_batch, generator=g)
-        ...     print(out.logs["loss_keep"], out.logs["loss_forget"])
+        ...     print(out.logs["term_keep"], out.logs["term_forget"])
     """
 
     def __init__(

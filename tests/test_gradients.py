@@ -118,3 +118,26 @@ def test_invalid_combiner_settings():
         FixedNormCombiner(norm_refresh_every=0)
     with pytest.raises(ValueError, match="eta"):
         BOMECombiner(eta=-0.1)
+
+
+class ScalerOnly:
+    """The parts of an fp16 Accelerator a combiner uses: a loss scaler and a scaled backward."""
+
+    gradient_accumulation_steps = 1
+    num_processes = 1
+
+    def __init__(self):
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+
+@pytest.mark.parametrize("combiner", [FixedNormCombiner(scaling_norm=1.0), BOMECombiner(eta=1.0)])
+def test_fp16_overflow_in_a_side_gradient_skips_instead_of_stopping(combiner):
+    """Under a loss scaler an overflow is routine: the update turns non-finite so the scaler skips it."""
+    model, keep_loss, forget_loss = two_terms()
+    handle = model.conv_in.weight.register_hook(lambda grad: grad * float("inf"))
+    combiner.backward(LossTerms(keep=keep_loss, forget=forget_loss), trainable(model), accelerator=ScalerOnly())
+    handle.remove()
+    assert not torch.isfinite(flat(grads_of(model))).all()

@@ -175,7 +175,9 @@ class UnlearningObjective:
         return {
             key: value
             for key, value in vars(self).items()
-            if not key.startswith("_") and isinstance(value, (int, float, str, bool, tuple, list, type(None)))
+            if not key.startswith("_")
+            and key not in ("needs_keep", "needs_forget")
+            and isinstance(value, (int, float, str, bool, tuple, list, type(None)))
         }
 
     def __call__(

@@ -94,8 +94,6 @@ def _predict_for_both(
 
 
 class _SISSWeighting(UnlearningObjective):
-    flag_prefix = "siss"
-    flag_aliases = {"lambda": "lam"}
     """The two ways SISS's terms are weighted, shared by the SISS family.
 
     * fixed-norm (default, the reference code's form): keep = L_x, forget = -L_a, and the
@@ -103,6 +101,9 @@ class _SISSWeighting(UnlearningObjective):
       `relative_norm` times the keep gradient norm, measured on the first step).
     * paper form (`weighting="paper"`): minimise n/(n-k) L_x - (1+s) k/(n-k) L_a with a plain sum.
     """
+
+    flag_prefix = "siss"
+    flag_aliases = {"lambda": "lam"}
 
     def __init__(
         self,

@@ -218,7 +218,7 @@ class VDU(UnlearningObjective):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         """Snapshot theta* and estimate the precision. Call once, before the first step."""
-        model = denoiser.model
+        model = getattr(denoiser.model, "module", denoiser.model)
         self._lora = has_lora(model)
         parameters = _regularized_base_parameters(model)
         if not parameters:
@@ -259,6 +259,7 @@ class VDU(UnlearningObjective):
         """sum_i pi_i (theta_i - theta*_i)^2 / 2 (over LoRA weight deltas when the model has LoRA)."""
         if not self._prepared:
             raise RuntimeError("Call VDU.prepare(denoiser) before computing the regularizer.")
+        model = getattr(model, "module", model)  # DDP-wrapped: names must not carry "module."
         if self._lora:
             from ..lora import lora_weight_deltas
 

@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_unlearn import data
+from diffusers_unlearn.data import DataError
+
+
+def write_png(path, value=128, size=8, mode="L"):
+    array = np.full((size, size) if mode == "L" else (size, size, 3), value, dtype=np.uint8)
+    array[0, 0] = 255 - value  # not constant, so different values hash differently
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(DataError, match="--forget_data_dir .* does not exist"):
+        data.load_image_folder(tmp_path / "nope", 8, 1, "forget")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="contains no images"):
+        data.load_image_folder(tmp_path / "empty", 8, 1, "forget")
+
+
+def test_non_image_file_is_named(tmp_path):
+    write_png(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="notes.txt"):
+        data.load_image_folder(tmp_path, 8, 1)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    write_png(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(DataError, match="broken.png"):
+        data.load_image_folder(tmp_path, 8, 1)
+
+
+def test_wrong_channels_and_size_are_converted_with_a_notice(tmp_path):
+    write_png(tmp_path / "rgb.png", mode="RGB", size=16)
+    loaded = data.load_image_folder(tmp_path, 8, 1)
+    assert loaded.images.shape == (1, 1, 8, 8)
+    assert loaded.images.min() >= -1 and loaded.images.max() <= 1
+    assert any("converted RGB to L" in n for n in loaded.notices)
+    assert any("resized 16x16 to 8x8" in n for n in loaded.notices)
+
+
+def test_metadata_prompts_and_missing_prompt(tmp_path):
+    write_png(tmp_path / "a.png", 10)
+    write_png(tmp_path / "b.png", 20)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a digit"}) + "\n")
+    with pytest.raises(DataError, match="b.png .* has no prompt"):
+        data.load_image_folder(tmp_path, 8, 1, require_text=True)
+    (tmp_path / "metadata.jsonl").write_text(
+        "\n".join(json.dumps({"file_name": f, "text": f"prompt {f}"}) for f in ("a.png", "b.png"))
+    )
+    loaded = data.load_image_folder(tmp_path, 8, 1, require_text=True)
+    assert loaded.texts == ["prompt a.png", "prompt b.png"]
+
+
+def test_forget_class_must_exist():
+    images = torch.zeros(3, 1, 8, 8)
+    labels = torch.tensor([0, 1, 1])
+    image_set = data.ImageSet(images, ["a", "b", "c"], ["a", "b", "c"], labels)
+    with pytest.raises(DataError, match=r"--forget_class 7 is not in the dataset; classes present: \[0, 1\]"):
+        data.select(image_set, forget_class=7)
+    assert len(data.select(image_set, forget_class=1)) == 2
+    with pytest.raises(DataError, match="out of range"):
+        data.select(image_set, forget_indices=[5])
+
+
+def test_hash_overlap_is_removed_from_keep_with_a_notice(tmp_path):
+    for folder, values in (("forget", [10]), ("keep", [10, 20, 30])):
+        (tmp_path / folder).mkdir()
+        for v in values:
+            write_png(tmp_path / folder / f"img{v}.png", v)
+    forget = data.load_image_folder(tmp_path / "forget", 8, 1)
+    keep = data.load_image_folder(tmp_path / "keep", 8, 1, "keep")
+    filtered = data.remove_overlap(keep, forget)
+    assert len(filtered) == 2 and forget.hashes[0] not in filtered.hashes
+    assert any("removed 1 item(s)" in n for n in filtered.notices)
+    with pytest.raises(DataError, match="keep set is empty"):
+        data.remove_overlap(forget, forget)
+
+
+def test_duplicates_merge_and_hash_ignores_file_names(tmp_path):
+    write_png(tmp_path / "a.png", 50)
+    write_png(tmp_path / "copy_of_a.png", 50)
+    loaded = data.deduplicate(data.load_image_folder(tmp_path, 8, 1))
+    assert len(loaded) == 1 and any("duplicate" in n for n in loaded.notices)
+
+
+def test_filter_far_from_splits_by_distance():
+    forget = -torch.ones(1, 1, 8, 8)
+    near = forget + 0.01
+    far = torch.ones(1, 1, 8, 8)
+    kept, rejected = data.filter_far_from(torch.cat([near, far]), forget, threshold=1.0)
+    assert len(kept) == 1 and len(rejected) == 1 and torch.equal(kept[0], far[0])
+
+
+def test_toy_dataset_loads_and_checks_shape():
+    loaded = data.load_dataset_images(data.TOY_DATASET, 8, 1)
+    canary = data.select(loaded, forget_class=10)
+    assert len(data.deduplicate(canary)) == 1
+    with pytest.raises(DataError, match="expects 3x16x16"):
+        data.load_dataset_images(data.TOY_DATASET, 16, 3)
