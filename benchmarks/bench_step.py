@@ -1,8 +1,8 @@
 """Time one optimizer step of every unlearning objective on the same model and batch.
 
-Each method gets a fresh copy of the same model, `--warmup` untimed steps, then `--repeats`
-timed steps; the median is reported, with its ratio to `naive_deletion` (one forward and one
-backward pass on the keep batch).
+Each method gets a fresh copy of the same model. Steps are timed round-robin (one step of
+every method per round) after `--warmup` untimed rounds; the median over `--repeats` rounds
+is reported, with its ratio to `naive_deletion` (one forward and one backward pass).
 
     python benchmarks/bench_step.py                      # CPU, the toy-sized UNet, full fine-tuning
     python benchmarks/bench_step.py --train_mode lora --json
@@ -76,7 +76,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_case(args, base_model, schedule, forget, keep, name, hyperparameters) -> float:
+def build_case(args, base_model, schedule, forget, name, hyperparameters) -> Unlearner:
     model = copy.deepcopy(base_model)
     if args.train_mode == "lora":
         model = add_lora(model, rank=args.rank, targets="attention_conv")
@@ -85,19 +85,15 @@ def time_case(args, base_model, schedule, forget, keep, name, hyperparameters) -
     objective = get_objective(name, **hyperparameters)
     objective.prepare(denoiser, forget)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    unlearner = Unlearner(objective, denoiser, optimizer)
-    generator = torch.Generator(args.device).manual_seed(0)
-    for _ in range(args.warmup):
-        unlearner.step(forget, keep, generator=generator)
-    times = []
-    for _ in range(args.repeats):
-        synchronize(args.device)
-        start = time.perf_counter()
-        unlearner.step(forget, keep, generator=generator)
-        synchronize(args.device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return Unlearner(objective, denoiser, torch.optim.AdamW(params, lr=1e-5))
+
+
+def timed_step(args, unlearner, forget, keep, generator) -> float:
+    synchronize(args.device)
+    start = time.perf_counter()
+    unlearner.step(forget, keep, generator=generator)
+    synchronize(args.device)
+    return (time.perf_counter() - start) * 1000
 
 
 def main():
@@ -110,13 +106,18 @@ def main():
     keep = DenoisingBatch(torch.randn(shape, generator=g).clamp(-1, 1)).to(args.device)
 
     cases = [c for c in CASES if args.methods is None or c[0] in args.methods]
-    results = []
-    naive_ms = None
-    for label, name, hyperparameters in cases:
-        step_ms = time_case(args, base_model, schedule, forget, keep, name, hyperparameters)
-        if label == "naive_deletion":
-            naive_ms = step_ms
-        results.append({"method": label, "step_ms": step_ms})
+    unlearners = {label: build_case(args, base_model, schedule, forget, name, kw) for label, name, kw in cases}
+    generator = torch.Generator(args.device).manual_seed(0)
+    times = {label: [] for label in unlearners}
+    # Round-robin: every round times one step of every method, so a change in machine load
+    # during the run affects all methods alike and the ratios stay fair.
+    for round_index in range(args.warmup + args.repeats):
+        for label, unlearner in unlearners.items():
+            elapsed = timed_step(args, unlearner, forget, keep, generator)
+            if round_index >= args.warmup:
+                times[label].append(elapsed)
+    results = [{"method": label, "step_ms": statistics.median(times[label])} for label in unlearners]
+    naive_ms = times.get("naive_deletion") and statistics.median(times["naive_deletion"])
     for row in results:
         row["ratio_to_naive"] = None if naive_ms is None else row["step_ms"] / naive_ms
         row.update(
@@ -134,7 +135,7 @@ def main():
     print(
         f"device={args.device} train_mode={args.train_mode} batch={args.batch_size} "
         f"resolution={args.resolution} threads={torch.get_num_threads()} "
-        f"median of {args.repeats} steps after {args.warmup} warm-up steps"
+        f"median of {args.repeats} round-robin rounds after {args.warmup} warm-up rounds"
     )
     print(f"{'method':32s} {'step_ms':>9s} {'x naive':>8s}")
     for row in results:
