@@ -1,0 +1,49 @@
+"""Metrics shared by every unlearning method, computed the same way (same seeds) before and after unlearning.
+
+- memorization: `nearest_distances`, `memorization_rate` (pixel L2 in [0, 1] units, or cosine distance in a
+  copy-detection model's features);
+- classes: `class_rate`, `class_count`, `pul` (VDU's percentage of unlearning);
+- quality: `frechet_distance`, `classifier_score`, with `classifier_features` / `classifier_logits`;
+- likelihood: `denoising_losses` (ELBO proxy on a fixed timestep grid and seeded noise), `mia_auc`,
+  `kl_to_standard_normal`;
+- weights: `weight_distance`;
+- the suite: `evaluate_ddpm`, `pul_from_reports`.
+
+See docs/metrics.md for definitions and units.
+
+Example:
+    >>> from diffusers_unlearn.metrics import mia_auc, pul
+    >>> pul(80, 20)
+    75.0
+"""
+
+from .classes import class_count, class_rate, pul
+from .classifier import classifier_features, classifier_logits, predict_labels
+from .likelihood import denoising_losses, kl_to_standard_normal, mia_auc, timestep_grid
+from .memorization import memorization_rate, nearest_distances, to_unit_interval
+from .quality import classifier_score, frechet_distance, frechet_distance_from_stats, gaussian_stats
+from .suite import evaluate_ddpm, pul_from_reports
+from .weights import weight_distance
+
+__all__ = [
+    "class_count",
+    "class_rate",
+    "classifier_features",
+    "classifier_logits",
+    "classifier_score",
+    "denoising_losses",
+    "evaluate_ddpm",
+    "frechet_distance",
+    "frechet_distance_from_stats",
+    "gaussian_stats",
+    "kl_to_standard_normal",
+    "memorization_rate",
+    "mia_auc",
+    "nearest_distances",
+    "predict_labels",
+    "pul",
+    "pul_from_reports",
+    "timestep_grid",
+    "to_unit_interval",
+    "weight_distance",
+]
