@@ -167,7 +167,12 @@ class UnlearningObjective:
 
         return SumCombiner()
 
-    def prepare(self, denoiser: Denoiser, forget_batch: Optional[DenoisingBatch] = None) -> None:
+    def prepare(
+        self,
+        denoiser: Denoiser,
+        forget_batch: Optional[DenoisingBatch] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
         """One-time setup before training (for example reference weights). No-op by default."""
 
     def hyperparameters(self) -> dict:

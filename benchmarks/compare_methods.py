@@ -1,0 +1,177 @@
+"""Compare every unlearning method on the embedded toy, through train_unlearn_ddpm.py itself.
+
+Data unlearning: remove the memorized canary from the bundled unconditional model with each
+method, the same step budget, seeds and evaluation. Class unlearning: remove one digit from
+the bundled class-conditional model. Prints two tables, writes a quality-vs-forgetting plot
+(PNG, needs matplotlib) and all reports as JSON.
+
+    python benchmarks/compare_methods.py --output_dir compare-out
+    python benchmarks/compare_methods.py --methods siss naive_deletion --max_train_steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import train_unlearn_ddpm  # noqa: E402
+
+# (label, extra flags). Each run uses the same seeds, steps and evaluation.
+DATA_METHODS = [
+    ("naive_deletion", ["--method", "naive_deletion"]),
+    ("neggrad", ["--method", "neggrad"]),
+    ("erasediff", ["--method", "erasediff"]),
+    ("vdu", ["--method", "vdu"]),
+    ("siss", ["--method", "siss"]),
+    ("siss_no_is", ["--method", "siss_no_is"]),
+    ("siss_bernoulli", ["--method", "siss_bernoulli"]),
+    ("siss[lambda=0]", ["--method", "siss", "--siss_lambda", "0"]),
+    ("siss[lambda=1]", ["--method", "siss", "--siss_lambda", "1"]),
+]
+CLASS_METHODS = [
+    ("naive_deletion", ["--method", "naive_deletion"]),
+    ("neggrad", ["--method", "neggrad"]),
+    ("erasediff", ["--method", "erasediff"]),
+    ("vdu", ["--method", "vdu"]),
+    ("siss", ["--method", "siss"]),
+]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="compare-methods-output")
+    parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--num_eval_samples", type=int, default=2048)
+    parser.add_argument("--validation_steps", type=int, default=25)
+    parser.add_argument("--num_validation_images", type=int, default=512)
+    parser.add_argument("--forget_class", type=int, default=1)
+    parser.add_argument("--methods", nargs="*", default=None, help="labels to run (default: all)")
+    parser.add_argument("--skip_class", action="store_true", help="skip the class-unlearning part")
+    parser.add_argument("--skip_data", action="store_true", help="skip the data-unlearning part")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def run(flags: list[str]) -> dict:
+    args = train_unlearn_ddpm.parse_args(flags)
+    train_unlearn_ddpm.main(args)
+    with open(os.path.join(args.output_dir, "unlearning_report.json")) as f:
+        return json.load(f)
+
+
+def first_zero_step(report: dict, key: str):
+    """The first validation step at which `key` reached 0 (None if it never did)."""
+    for row in report.get("validation", []):
+        if row.get(key) == 0:
+            return row["step"]
+    if report["metrics"]["after"].get(key) == 0:
+        return report["max_train_steps"]
+    return None
+
+
+def fmt(value, digits=4):
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def main():
+    args = parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
+    common = [
+        "--max_train_steps", str(args.max_train_steps),
+        "--num_eval_samples", str(args.num_eval_samples),
+        "--validation_steps", str(args.validation_steps),
+        "--num_validation_images", str(args.num_validation_images),
+        "--checkpointing_steps", str(10**9),
+        "--seed", str(args.seed),
+    ]
+    results = {"data": {}, "class": {}}
+
+    if not args.skip_data:
+        for label, flags in DATA_METHODS:
+            if args.methods and label not in args.methods:
+                continue
+            out = os.path.join(args.output_dir, "data", label.replace("[", "_").replace("]", "").replace("=", ""))
+            results["data"][label] = run([*flags, *common, "--output_dir", out])
+
+    if not args.skip_class:
+        from diffusers_unlearn.toy import toy_model_path
+
+        for label, flags in CLASS_METHODS:
+            if args.methods and label not in args.methods:
+                continue
+            out = os.path.join(args.output_dir, "class", label)
+            results["class"][label] = run([
+                *flags, *common, "--output_dir", out,
+                "--pretrained_model_name_or_path", toy_model_path("ddpm_class_conditional"),
+                "--forget_dataset_name", "toy-digits", "--forget_class", str(args.forget_class),
+                "--keep_dataset_name", "toy-digits",
+            ])
+
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+    if results["data"]:
+        base = next(iter(results["data"].values()))["metrics"]["before"]
+        print(f"\nData unlearning (canary), {args.max_train_steps} steps, {args.num_eval_samples} samples")
+        print(f"{'method':18s} {'mem. rate':>10s} {'FD':>8s} {'FD/base':>8s} {'forget loss':>12s} {'MIA AUC':>8s} {'steps to 0':>10s} {'wall s':>7s}")
+        print(f"{'(base model)':18s} {fmt(base['memorization_rate']):>10s} {fmt(base['fd'], 3):>8s} {'1.00':>8s} {fmt(base['forget_loss']):>12s} {fmt(base.get('mia_auc'), 3):>8s} {'':>10s} {'':>7s}")
+        for label, report in results["data"].items():
+            after = report["metrics"]["after"]
+            print(
+                f"{label:18s} {fmt(after['memorization_rate']):>10s} {fmt(after['fd'], 3):>8s} "
+                f"{after['fd'] / base['fd']:8.2f} {fmt(after['forget_loss']):>12s} {fmt(after.get('mia_auc'), 3):>8s} "
+                f"{fmt(first_zero_step(report, 'memorization_rate')):>10s} {report['wall_seconds']:7.0f}"
+            )
+    if results["class"]:
+        base = next(iter(results["class"].values()))["metrics"]["before"]
+        print(f"\nClass unlearning (digit {args.forget_class}), {args.max_train_steps} steps, {args.num_eval_samples} samples per side")
+        print(f"{'method':18s} {'forget-class rate':>18s} {'PUL':>7s} {'keep FD':>8s} {'FD/base':>8s} {'wall s':>7s}")
+        print(f"{'(base model)':18s} {fmt(base['forget_class_rate']):>18s} {'':>7s} {fmt(base['fd'], 3):>8s} {'1.00':>8s}")
+        for label, report in results["class"].items():
+            after = report["metrics"]["after"]
+            print(
+                f"{label:18s} {fmt(after['forget_class_rate']):>18s} {fmt(after.get('pul'), 1):>7s} "
+                f"{fmt(after['fd'], 3):>8s} {after['fd'] / base['fd']:8.2f} {report['wall_seconds']:7.0f}"
+            )
+    plot(results, os.path.join(args.output_dir, "quality_vs_forgetting.png"))
+
+
+def plot(results: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib).")
+        return
+    panels = [(kind, data) for kind, data in results.items() if data]
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for axis, (kind, data) in zip(axes[0], panels):
+        key = "memorization_rate" if kind == "data" else "forget_class_rate"
+        base = next(iter(data.values()))["metrics"]["before"]
+        axis.scatter([base[key]], [base["fd"]], marker="*", s=150, color="black", label="base model")
+        for label, report in data.items():
+            after = report["metrics"]["after"]
+            axis.scatter([after[key]], [after["fd"]], s=50)
+            axis.annotate(label, (after[key], after["fd"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        axis.set_xlabel(f"{key.replace('_', ' ')} after unlearning (lower = more forgetting)")
+        axis.set_ylabel("Fréchet distance in classifier features (lower = better quality)")
+        axis.set_yscale("log")
+        axis.set_title("data unlearning (canary)" if kind == "data" else "class unlearning")
+        axis.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"Plot written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,563 @@
+#!/usr/bin/env python
+"""Unlearn training data from a DDPM (UNet2DModel), unconditional or class-conditional.
+
+Modeled on diffusers' examples/unconditional_image_generation/train_unconditional.py.
+With no arguments it removes the memorized canary from the bundled toy digits model with
+SISS and LoRA, and prints a before/after summary:
+
+    python train_unlearn_ddpm.py
+    accelerate launch train_unlearn_ddpm.py --pretrained_model_name_or_path my-ddpm \\
+        --forget_data_dir forget/ --keep_data_dir keep/ --method siss --train_mode lora
+
+Order: parse_args -> Accelerator -> models -> LoRA/full -> optimizer -> data -> hooks ->
+evaluation before -> loop -> save, evaluation after, report, card, upload.
+"""
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from diffusers_unlearn import data as unlearn_data
+from diffusers_unlearn.hub import atomic_write_json, push_folder, write_model_card
+from diffusers_unlearn.images import grid_array, make_grid, save_image_atomic
+from diffusers_unlearn.lora import (
+    add_lora,
+    as_plain_unet,
+    make_optimizer,
+    prepare_full_finetune,
+    save_lora_weights,
+    trainable_parameters,
+)
+from diffusers_unlearn.metrics import (
+    classifier_features,
+    class_count,
+    evaluate_ddpm,
+    predict_labels,
+    pul,
+)
+from diffusers_unlearn.noise import NoiseSchedule
+from diffusers_unlearn.objectives import (
+    DenoisingBatch,
+    Denoiser,
+    available_objectives,
+    get_objective,
+    hyperparameters_from_flags,
+)
+from diffusers_unlearn.pipelines.ddpm import ClassConditionalDDPMPipeline, sample_images
+from diffusers_unlearn.unlearner import (
+    BatchPool,
+    Unlearner,
+    load_trainable_state,
+    save_trainable_state,
+    step_generator,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+METHOD_FLAGS = {
+    # flag: (type, help)
+    "siss_lambda": (float, "SISS mixture weight lambda in [0, 1] (default 0.5)."),
+    "siss_weighting": (str, "'fixed_norm' (default, reference form) or 'paper'."),
+    "siss_scaling_norm": (float, "Fixed norm c of the forget gradient (default: calibrated, see --siss_relative_norm)."),
+    "siss_relative_norm": (float, "Calibrate c as this fraction of the first keep-gradient norm (default 0.1)."),
+    "siss_norm_refresh_every": (int, "Measure ||grad forget|| every N steps (1 = exact, default)."),
+    "siss_superfactor": (float, "Paper form: forget weight multiplier s (default 0)."),
+    "neggrad_alpha": (float, "NegGrad forget-loss weight (default 1)."),
+    "neggrad_keep_weight": (float, "NegGrad+ keep-loss weight (default 0 = plain NegGrad)."),
+    "erasediff_weighting": (str, "'adaptive' (BOME, default) or 'fixed'."),
+    "erasediff_eta": (float, "BOME eta (default 1e-3)."),
+    "erasediff_lambda": (float, "Fixed forget weight when --erasediff_weighting fixed (default 0.1)."),
+    "erasediff_inner_steps": (int, "K inner steps on the forget objective (default 0)."),
+    "erasediff_inner_lr": (float, "Inner-loop step size (default 1e-3)."),
+    "vdu_gamma": (float, "Weight of VDU's stability regularizer (default 1)."),
+    "vdu_precision": (str, "'l2' (default), 'fisher' or 'checkpoints'."),
+    "vdu_plasticity": (str, "'hinge' (default) or 'log'."),
+    "vdu_target_loss": (float, "Forget loss at which VDU's plasticity term stops (default 1.0)."),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Unlearn training data from a DDPM.")
+    # Model and data (train_unconditional.py order).
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="Hub id or local DDPM pipeline folder (unet/ + scheduler/). Default: the bundled toy digits model.",
+    )
+    parser.add_argument("--revision", type=str, default=None)
+    parser.add_argument("--variant", type=str, default=None)
+    parser.add_argument("--forget_data_dir", type=str, default=None, help="Image folder of the items to forget.")
+    parser.add_argument("--forget_dataset_name", type=str, default=None, help=f"A datasets name/path, or '{unlearn_data.TOY_DATASET}'.")
+    parser.add_argument("--forget_class", type=int, default=None, help="Forget every item of this class.")
+    parser.add_argument("--forget_indices", type=int, nargs="+", default=None, help="Forget these dataset indices.")
+    parser.add_argument("--keep_data_dir", type=str, default=None)
+    parser.add_argument("--keep_dataset_name", type=str, default=None)
+    parser.add_argument("--keep_from_generations", type=int, default=None, help="Generate N samples; those far from every forget image form the keep set.")
+    parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 distance (in [0,1] units) below which a generation counts as a forget copy. Default: the memorization threshold.")
+    parser.add_argument("--heldout_data_dir", type=str, default=None, help="Non-member images for held-out loss and membership inference.")
+    parser.add_argument("--output_dir", type=str, default="unlearn-ddpm-output")
+    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample_size.")
+    parser.add_argument("--train_batch_size", type=int, default=64)
+    parser.add_argument("--eval_batch_size", type=int, default=256)
+    parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=None, help="Default: 5e-3 with LoRA, 1e-4 for full fine-tuning.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trained weights and save it.")
+    parser.add_argument("--ema_max_decay", type=float, default=0.999)
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction", "sample"], help="Default: the scheduler's.")
+    parser.add_argument("--ddpm_num_inference_steps", type=int, default=50)
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest'.")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--use_8bit_adam", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report_to", type=str, default="none", help="'tensorboard', 'wandb', 'all' or 'none'.")
+    # Unlearning.
+    parser.add_argument("--method", type=str, default="siss", help=f"One of: {', '.join(available_objectives())}.")
+    parser.add_argument("--train_mode", type=str, default="lora", choices=["lora", "full"])
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank.")
+    parser.add_argument("--lora_targets", type=str, default="attention_conv", help="'attention', 'attention_conv' or module names.")
+    for flag, (kind, text) in METHOD_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    parser.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"))
+    # Evaluation.
+    parser.add_argument("--validation_steps", type=int, default=100)
+    parser.add_argument("--num_validation_images", type=int, default=64)
+    parser.add_argument("--num_eval_samples", type=int, default=1024)
+    parser.add_argument("--memorization_threshold", type=float, default=None, help="Pixel L2 in [0,1] units. Default: toy threshold, else half the forget-to-keep distance.")
+    parser.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance for class-conditional sampling.")
+    parser.add_argument("--classifier_dir", type=str, default=None, help="A DigitsClassifier-style folder for FD and class rates (default: the toy classifier for toy-sized images).")
+    args = parser.parse_args(argv)
+
+    # Cheap checks first: nothing expensive has happened yet.
+    if args.method not in available_objectives():
+        parser.error(f"--method {args.method!r} is unknown; choose one of: {', '.join(available_objectives())}.")
+    if args.forget_data_dir and args.forget_dataset_name:
+        parser.error("Give --forget_data_dir or --forget_dataset_name, not both.")
+    if (args.forget_class is not None or args.forget_indices) and not args.forget_dataset_name:
+        parser.error("--forget_class / --forget_indices select items of --forget_dataset_name.")
+    if sum(x is not None for x in (args.keep_data_dir, args.keep_dataset_name, args.keep_from_generations)) > 1:
+        parser.error("Give one of --keep_data_dir, --keep_dataset_name, --keep_from_generations.")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        parser.error("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU.")
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "num_eval_samples", "validation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1.")
+    if args.pretrained_model_name_or_path is None:
+        from diffusers_unlearn.toy import toy_model_path
+
+        args.pretrained_model_name_or_path = toy_model_path("ddpm_unconditional")
+        args.using_toy = True
+    else:
+        args.using_toy = False
+    if args.forget_data_dir is None and args.forget_dataset_name is None:
+        if not args.using_toy:
+            parser.error("Give the items to forget: --forget_data_dir, or --forget_dataset_name with --forget_class / --forget_indices.")
+        from diffusers_unlearn.toy.data import CANARY_LABEL
+
+        args.forget_dataset_name, args.forget_class = unlearn_data.TOY_DATASET, CANARY_LABEL
+        if args.keep_data_dir is None and args.keep_from_generations is None:
+            args.keep_dataset_name = args.keep_dataset_name or unlearn_data.TOY_DATASET
+    if args.learning_rate is None:
+        args.learning_rate = 5e-3 if args.train_mode == "lora" else 1e-4
+    args.method_flags = {flag: getattr(args, flag) for flag in METHOD_FLAGS}
+    args.method_flags["timestep_range"] = args.timestep_range
+    try:  # validate the method's hyperparameters now, before loading anything
+        get_objective(args.method, **hyperparameters_from_flags(args.method, args.method_flags))
+    except ValueError as error:
+        if "n > k" not in str(error) and "needs n" not in str(error):
+            parser.error(str(error))
+    return args
+
+
+def load_sets(args, unet, resolution, channels, is_conditional):
+    """Forget, keep and held-out sets, validated before any training."""
+    if args.forget_data_dir:
+        forget = unlearn_data.load_image_folder(args.forget_data_dir, resolution, channels, "forget")
+    else:
+        # A class-conditional toy model was trained on digits only (no canary).
+        full = unlearn_data.load_dataset_images(args.forget_dataset_name, resolution, channels, "forget", include_canary=not is_conditional)
+        forget = unlearn_data.select(full, args.forget_class, args.forget_indices, "forget")
+    forget = unlearn_data.deduplicate(forget, "forget")
+
+    keep = None
+    if args.keep_data_dir:
+        keep = unlearn_data.load_image_folder(args.keep_data_dir, resolution, channels, "keep")
+    elif args.keep_dataset_name:
+        keep = unlearn_data.load_dataset_images(args.keep_dataset_name, resolution, channels, "keep", include_canary=not is_conditional)
+    if keep is not None:
+        keep = unlearn_data.remove_overlap(keep, forget)
+
+    heldout = None
+    if args.heldout_data_dir:
+        heldout = unlearn_data.load_image_folder(args.heldout_data_dir, resolution, channels, "heldout")
+    elif unlearn_data.TOY_DATASET in (args.forget_dataset_name, args.keep_dataset_name):
+        heldout = unlearn_data.load_dataset_images(unlearn_data.TOY_DATASET, resolution, channels, "heldout", split="heldout")
+    return forget, keep, heldout
+
+
+def batch_of(images: unlearn_data.ImageSet, with_labels: bool) -> DenoisingBatch:
+    return DenoisingBatch(images.images, images.labels if with_labels else None)
+
+
+def main(args):
+    started = time.time()
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        # accelerate starts no process group for several CPU processes unless told to use the CPU.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # Models.
+    unet = UNet2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir)
+    schedule = NoiseSchedule.from_scheduler(scheduler, args.prediction_type)
+    is_conditional = unet.config.num_class_embeds is not None
+    resolution = args.resolution or unet.config.sample_size
+    if resolution != unet.config.sample_size:
+        raise ValueError(f"--resolution {resolution} differs from the UNet's sample_size {unet.config.sample_size}.")
+    channels = unet.config.in_channels
+
+    # Data, validated before any training.
+    forget, keep, heldout = load_sets(args, unet, resolution, channels, is_conditional)
+    for image_set in (forget, keep, heldout):
+        if image_set is not None:
+            unlearn_data.log_notices(image_set, logger.info)
+    class_unlearning = is_conditional and args.forget_class is not None
+
+    threshold = args.memorization_threshold
+    if threshold is None and not class_unlearning:
+        if args.using_toy:
+            from diffusers_unlearn.toy import MEMORIZATION_THRESHOLD
+
+            threshold = MEMORIZATION_THRESHOLD
+        elif keep is not None:
+            from diffusers_unlearn.metrics import nearest_distances
+
+            threshold = 0.5 * float(nearest_distances(forget.images, keep.images).min())
+            logger.info(f"Memorization threshold: {threshold:.3f} (half the forget-to-keep distance).")
+
+    classifier = None
+    if args.classifier_dir or (resolution == 8 and channels == 1):
+        from diffusers_unlearn.toy.classifier import DigitsClassifier
+
+        if args.classifier_dir:
+            classifier = DigitsClassifier.from_pretrained(args.classifier_dir)
+        else:
+            from diffusers_unlearn.toy import load_classifier
+
+            classifier = load_classifier()
+    elif class_unlearning:
+        raise ValueError("Class unlearning needs a classifier to measure the forget-class rate: pass --classifier_dir.")
+
+    # The base pipeline, for sampling before training (and keep-set generation).
+    def sample(model, count, seed, labels=None):
+        model = accelerator.unwrap_model(model)
+        return sample_images(
+            model, scheduler, num_samples=count, batch_size=args.eval_batch_size, seed=seed,
+            num_inference_steps=args.ddpm_num_inference_steps, class_labels=labels,
+            guidance_scale=args.guidance_scale if labels is not None else 1.0,
+        ).cpu()
+
+    if args.keep_from_generations:
+        generations = sample(unet, args.keep_from_generations, args.seed + 1)
+        far, near = unlearn_data.filter_far_from(generations, forget.images, args.keep_generation_threshold or threshold)
+        logger.info(f"--keep_from_generations: {len(far)} generations kept, {len(near)} rejected as forget copies.")
+        if len(far) == 0:
+            raise ValueError("Every generation is close to a forget image: the keep set is empty. Raise --keep_from_generations or lower --keep_generation_threshold.")
+        keep = unlearn_data.ImageSet(far, [unlearn_data.pixel_hash(x) for x in far], [f"generation/{i}" for i in range(len(far))])
+
+    n = len(forget) + (len(keep) if keep is not None else 0)
+    hyperparameters = hyperparameters_from_flags(args.method, args.method_flags, {"n": n, "k": len(forget)})
+    objective = get_objective(args.method, **hyperparameters)
+    if objective.needs_keep and keep is None:
+        raise ValueError(f"--method {args.method} needs a keep set: --keep_data_dir, --keep_dataset_name or --keep_from_generations.")
+
+    # Evaluation (main process), before training; same seeds after training.
+    keep_classes = sorted(set(range(10)) - {args.forget_class}) if class_unlearning else None
+    reference_features = None
+    if classifier is not None and keep is not None:
+        reference_features = classifier_features(classifier, keep.images)
+
+    def evaluate(model):
+        model = accelerator.unwrap_model(model)
+        denoiser = Denoiser(model, schedule)
+        eval_forget = batch_of(forget, is_conditional)
+        eval_keep = batch_of(keep.subset(range(min(len(keep), 512))), is_conditional) if keep is not None else eval_forget
+        eval_heldout = batch_of(heldout, is_conditional) if heldout is not None else None
+        if class_unlearning:
+            labels = torch.tensor([keep_classes[i % len(keep_classes)] for i in range(args.num_eval_samples)])
+            samples = sample(model, args.num_eval_samples, args.seed, labels)
+        else:
+            samples = sample(model, args.num_eval_samples, args.seed, None)
+        metrics = evaluate_ddpm(
+            samples, denoiser=denoiser, forget=eval_forget, keep=eval_keep, heldout=eval_heldout,
+            classifier=classifier, reference_features=reference_features,
+            memorization_threshold=None if class_unlearning else threshold, seed=args.seed,
+        )
+        if class_unlearning:
+            forget_samples = sample(model, args.num_eval_samples, args.seed + 7, args.forget_class)
+            count = class_count(predict_labels(classifier, forget_samples), args.forget_class)
+            metrics["forget_class_count"] = count
+            metrics["forget_class_rate"] = count / len(forget_samples)
+            metrics["forget_class_samples"] = forget_samples[: args.num_validation_images]
+        metrics["samples"] = samples[: args.num_validation_images]
+        return metrics
+
+    # LoRA or full fine-tuning.
+    if args.train_mode == "lora":
+        unet = add_lora(unet, rank=args.rank, lora_alpha=args.lora_alpha, targets=args.lora_targets)
+    else:
+        unet = prepare_full_finetune(unet)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = trainable_parameters(unet)
+    ema = EMAModel(params, decay=args.ema_max_decay) if args.use_ema else None
+
+    optimizer = make_optimizer(
+        params, args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+
+    before = None
+    if accelerator.is_main_process:
+        before = evaluate(unet)
+        logger.info(f"Before unlearning: { {k: v for k, v in before.items() if not torch.is_tensor(v)} }")
+
+    denoiser = Denoiser(unet, schedule)
+    objective.prepare(denoiser, batch_of(forget, is_conditional), generator=step_generator(args.seed, -1))
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    denoiser.model = unet
+    unlearner = Unlearner(objective, denoiser, optimizer, accelerator, lr_scheduler, args.max_grad_norm)
+
+    # Checkpoint hooks: only the trainable weights are written (the frozen base never changes).
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_trainable_state(accelerator.unwrap_model(models[0]), output_dir)
+        weights.pop()
+
+    def load_model_hook(models, input_dir):
+        model = models.pop()
+        load_trainable_state(accelerator.unwrap_model(model), input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    accelerator.register_for_checkpointing(unlearner)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("unlearn-ddpm", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    forget_pool = BatchPool(forget.images, forget.labels if is_conditional else None)
+    keep_pool = BatchPool(keep.images, keep.labels if is_conditional else None) if keep is not None else None
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            found = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp")), key=lambda d: int(d.split("-")[1])) if os.path.isdir(args.output_dir) else []
+            path = os.path.join(args.output_dir, found[-1]) if found else None
+        if path is None:
+            logger.info("No checkpoint found; starting a new run.")
+        else:
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"--resume_from_checkpoint {path} does not exist.")
+            accelerator.load_state(path)
+            global_step = unlearner.optimizer_steps
+            logger.info(f"Resumed from {path} at step {global_step}.")
+
+    # The loop: each optimizer step draws its batches from a generator fixed by (seed, step, micro-batch, rank).
+    progress = tqdm(range(global_step, args.max_train_steps), initial=global_step, total=args.max_train_steps, disable=not accelerator.is_local_main_process, desc="Unlearning")
+    device = accelerator.device
+    validation_history = []
+    while global_step < args.max_train_steps:
+        for micro in range(args.gradient_accumulation_steps):
+            generator = step_generator(args.seed, global_step, micro, accelerator.process_index)
+            forget_batch = forget_pool.sample(args.train_batch_size, generator, device)
+            keep_batch = keep_pool.sample(args.train_batch_size, generator, device) if keep_pool is not None else None
+            out = unlearner.step(forget_batch, keep_batch, generator=generator)
+        if not out.optimizer_stepped:
+            raise RuntimeError("Accumulation did not end in an optimizer step; this is a bug.")
+        global_step += 1
+        if ema is not None:
+            ema.step(trainable_parameters(accelerator.unwrap_model(unet)))
+        progress.update(1)
+        shown = {k: round(v, 4) for k, v in out.logs.items() if k in ("term_keep", "term_forget", "grad_norm", "loss_x", "loss_a", "loss_keep", "loss_forget")}
+        progress.set_postfix(**shown)
+        accelerator.log(out.logs, step=global_step)
+
+        if global_step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, args, global_step)
+        if global_step % args.validation_steps == 0 and accelerator.is_main_process and global_step < args.max_train_steps:
+            validation_history.append(validate(accelerator, args, unet, ema, sample, forget, threshold, global_step, classifier if class_unlearning else None))
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    # Save, evaluate after, report, card, upload (main process only).
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(trainable_parameters(model))
+        after = evaluate(model)
+        if args.train_mode == "lora":
+            save_lora_weights(model, args.output_dir, metadata={"method": args.method, "base_model": str(args.pretrained_model_name_or_path)})
+        else:
+            save_full_pipeline(model, scheduler, args.output_dir, is_conditional)
+
+        images = {}
+        for label, metrics in (("before", before), ("after", after)):
+            grid = make_grid(metrics.pop("samples"), scale=4 if resolution <= 32 else 1)
+            save_image_atomic(grid, os.path.join(args.output_dir, f"samples_{label}.png"))
+            images[f"Samples {label} unlearning (same seeds)"] = f"samples_{label}.png"
+            if "forget_class_samples" in metrics:
+                grid = make_grid(metrics.pop("forget_class_samples"), scale=4 if resolution <= 32 else 1)
+                save_image_atomic(grid, os.path.join(args.output_dir, f"forget_class_samples_{label}.png"))
+                images[f"Class {args.forget_class} prompts {label}"] = f"forget_class_samples_{label}.png"
+        if class_unlearning:
+            for metrics in (before, after):
+                metrics["pul"] = None
+            after["pul"] = pul(before["forget_class_count"], after["forget_class_count"]) if before["forget_class_count"] > 0 else None
+        wall = time.time() - started
+        before["wall_seconds"] = None
+        after["wall_seconds"] = wall
+        report = {
+            "method": args.method,
+            "hyperparameters": {**objective.hyperparameters(), **{f"combiner_{k}": v for k, v in unlearner.state_dict().get("combiner", {}).items() if k == "scaling_norm"}},
+            "train_mode": args.train_mode,
+            "base_model": str(args.pretrained_model_name_or_path),
+            "forget_items": [{"sha256": h, "source": name} for h, name in zip(forget.hashes, forget.names)],
+            "forget_class": args.forget_class,
+            "num_keep_items": len(keep) if keep is not None else 0,
+            "seed": args.seed,
+            "max_train_steps": args.max_train_steps,
+            "train_batch_size": args.train_batch_size,
+            "learning_rate": args.learning_rate,
+            "memorization_threshold": threshold,
+            "num_eval_samples": args.num_eval_samples,
+            "num_processes": accelerator.num_processes,
+            "wall_seconds": wall,
+            "metrics": {"before": before, "after": after},
+            "validation": validation_history,
+        }
+        atomic_write_json(os.path.join(args.output_dir, "unlearning_report.json"), report)
+        write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), args.hub_model_id, images, is_adapter=args.train_mode == "lora")
+        print_summary(report)
+        if args.push_to_hub:
+            repo = push_folder(args.output_dir, args.hub_model_id, args.hub_token, f"Unlearn with {args.method}")
+            logger.info(f"Uploaded to {repo}.")
+    accelerator.end_training()
+
+
+def save_checkpoint(accelerator, args, step):
+    """accelerate state into checkpoint-<step>, written under a temporary name and renamed."""
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        existing = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp")), key=lambda d: int(d.split("-")[1]))
+        while len(existing) >= args.checkpoints_total_limit:
+            shutil.rmtree(os.path.join(args.output_dir, existing.pop(0)))
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+
+
+def validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier_for_rate=None):
+    """A small sample grid (and memorization rate) every --validation_steps, never every step."""
+    from diffusers_unlearn.metrics import memorization_rate
+
+    model = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.store(trainable_parameters(model))
+        ema.copy_to(trainable_parameters(model))
+    images = sample(model, args.num_validation_images, args.seed + 3, args.forget_class if model.config.num_class_embeds is not None and args.forget_class is not None else None)
+    if ema is not None:
+        ema.restore(trainable_parameters(model))
+    logs = {}
+    if threshold is not None:
+        logs["validation/memorization_rate"] = memorization_rate(images, forget.images, threshold)
+    if classifier_for_rate is not None and args.forget_class is not None:
+        logs["validation/forget_class_rate"] = class_count(predict_labels(classifier_for_rate, images), args.forget_class) / len(images)
+    accelerator.log(logs, step=step)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", grid_array(make_grid(images, scale=4)), step, dataformats="HWC")
+    logger.info(f"step {step}: {logs}")
+    return {"step": step, **{key.split("/", 1)[1]: value for key, value in logs.items()}}
+
+
+def save_full_pipeline(model, scheduler, output_dir, is_conditional):
+    """The fully fine-tuned pipeline, saved with plain diffusers class names, then moved into place."""
+    tmp = os.path.join(output_dir, ".tmp-pipeline")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    pipeline_cls = ClassConditionalDDPMPipeline if is_conditional else DDPMPipeline
+    pipeline_cls(unet=as_plain_unet(model), scheduler=scheduler).save_pretrained(tmp)
+    for entry in os.listdir(tmp):
+        target = os.path.join(output_dir, entry)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, entry), target)
+    shutil.rmtree(tmp)
+
+
+def print_summary(report):
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    print(f"\nUnlearning summary: {report['method']} ({report['train_mode']}), {report['max_train_steps']} steps, {report['wall_seconds']:.0f} s")
+    print(f"{'metric':22s} {'before':>12s} {'after':>12s}")
+    for key in before:
+        if key in after and not isinstance(before[key], (list, dict)) and key != "wall_seconds":
+            fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+            print(f"{key:22s} {fmt(before[key]):>12s} {fmt(after[key]):>12s}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
