@@ -154,6 +154,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_eval_samples", type=int, default=1024)
     parser.add_argument("--memorization_threshold", type=float, default=None, help="Pixel L2 in [0,1] units. Default: toy threshold, else half the forget-to-keep distance.")
     parser.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance for class-conditional sampling.")
+    parser.add_argument("--class_min_confidence", type=float, default=0.5, help="Class unlearning: a sample counts as --forget_class only if the classifier gives it this probability (0: plain arg-max). Keeps noise, which an arg-max labels as some class, out of the count.")
     parser.add_argument("--classifier_dir", type=str, default=None, help="A DigitsClassifier-style folder for FD and class rates (default: the toy classifier for toy-sized images).")
     args = parser.parse_args(argv)
 
@@ -166,6 +167,8 @@ def parse_args(argv=None):
         parser.error("--forget_class / --forget_indices select items of --forget_dataset_name.")
     if sum(x is not None for x in (args.keep_data_dir, args.keep_dataset_name, args.keep_from_generations)) > 1:
         parser.error("Give one of --keep_data_dir, --keep_dataset_name, --keep_from_generations.")
+    if not 0.0 <= args.class_min_confidence <= 1.0:
+        parser.error(f"--class_min_confidence must be in [0, 1], got {args.class_min_confidence}.")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         parser.error("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU.")
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "num_eval_samples", "validation_steps", "checkpointing_steps"):
@@ -333,7 +336,7 @@ def main(args):
         )
         if class_unlearning:
             forget_samples = sample(model, args.num_eval_samples, args.seed + 7, args.forget_class)
-            count = class_count(predict_labels(classifier, forget_samples), args.forget_class)
+            count = class_count(predict_labels(classifier, forget_samples, min_confidence=args.class_min_confidence), args.forget_class)
             metrics["forget_class_count"] = count
             metrics["forget_class_rate"] = count / len(forget_samples)
             metrics["forget_class_samples"] = forget_samples[: args.num_validation_images]
@@ -469,6 +472,7 @@ def main(args):
             "base_model": str(args.pretrained_model_name_or_path),
             "forget_items": [{"sha256": h, "source": name} for h, name in zip(forget.hashes, forget.names)],
             "forget_class": args.forget_class,
+            "class_min_confidence": args.class_min_confidence if class_unlearning else None,
             "num_keep_items": len(keep) if keep is not None else 0,
             "seed": args.seed,
             "max_train_steps": args.max_train_steps,
@@ -525,7 +529,8 @@ def validate(accelerator, args, unet, ema, sample, forget, threshold, step, clas
     if threshold is not None:
         logs["validation/memorization_rate"] = memorization_rate(images, forget.images, threshold)
     if classifier_for_rate is not None and args.forget_class is not None:
-        logs["validation/forget_class_rate"] = class_count(predict_labels(classifier_for_rate, images), args.forget_class) / len(images)
+        labels = predict_labels(classifier_for_rate, images, min_confidence=args.class_min_confidence)
+        logs["validation/forget_class_rate"] = class_count(labels, args.forget_class) / len(images)
     accelerator.log(logs, step=step)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":

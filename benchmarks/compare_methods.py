@@ -29,6 +29,7 @@ DATA_METHODS = [
     ("siss", ["--method", "siss"]),
     ("siss_no_is", ["--method", "siss_no_is"]),
     ("siss_bernoulli", ["--method", "siss_bernoulli"]),
+    ("siss[refresh=10]", ["--method", "siss", "--siss_norm_refresh_every", "10"]),
     ("siss[lambda=0]", ["--method", "siss", "--siss_lambda", "0"]),
     ("siss[lambda=1]", ["--method", "siss", "--siss_lambda", "1"]),
 ]
@@ -53,13 +54,16 @@ def parse_args():
     parser.add_argument("--skip_class", action="store_true", help="skip the class-unlearning part")
     parser.add_argument("--skip_data", action="store_true", help="skip the data-unlearning part")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true", help="keep the reports already in --output_dir instead of rerunning them")
     return parser.parse_args()
 
 
-def run(flags: list[str]) -> dict:
+def run(flags: list[str], reuse: bool = False) -> dict:
     args = train_unlearn_ddpm.parse_args(flags)
-    train_unlearn_ddpm.main(args)
-    with open(os.path.join(args.output_dir, "unlearning_report.json")) as f:
+    path = os.path.join(args.output_dir, "unlearning_report.json")
+    if not (reuse and os.path.exists(path)):
+        train_unlearn_ddpm.main(args)
+    with open(path) as f:
         return json.load(f)
 
 
@@ -97,7 +101,7 @@ def main():
             if args.methods and label not in args.methods:
                 continue
             out = os.path.join(args.output_dir, "data", label.replace("[", "_").replace("]", "").replace("=", ""))
-            results["data"][label] = run([*flags, *common, "--output_dir", out])
+            results["data"][label] = run([*flags, *common, "--output_dir", out], args.reuse)
 
     if not args.skip_class:
         from diffusers_unlearn.toy import toy_model_path
@@ -111,7 +115,7 @@ def main():
                 "--pretrained_model_name_or_path", toy_model_path("ddpm_class_conditional"),
                 "--forget_dataset_name", "toy-digits", "--forget_class", str(args.forget_class),
                 "--keep_dataset_name", "toy-digits",
-            ])
+            ], args.reuse)
 
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -131,13 +135,14 @@ def main():
     if results["class"]:
         base = next(iter(results["class"].values()))["metrics"]["before"]
         print(f"\nClass unlearning (digit {args.forget_class}), {args.max_train_steps} steps, {args.num_eval_samples} samples per side")
-        print(f"{'method':18s} {'forget-class rate':>18s} {'PUL':>7s} {'keep FD':>8s} {'FD/base':>8s} {'wall s':>7s}")
+        print(f"{'method':18s} {'forget-class rate':>18s} {'PUL':>7s} {'keep FD':>8s} {'FD/base':>8s} {'steps to 0':>10s} {'wall s':>7s}")
         print(f"{'(base model)':18s} {fmt(base['forget_class_rate']):>18s} {'':>7s} {fmt(base['fd'], 3):>8s} {'1.00':>8s}")
         for label, report in results["class"].items():
             after = report["metrics"]["after"]
             print(
                 f"{label:18s} {fmt(after['forget_class_rate']):>18s} {fmt(after.get('pul'), 1):>7s} "
-                f"{fmt(after['fd'], 3):>8s} {after['fd'] / base['fd']:8.2f} {report['wall_seconds']:7.0f}"
+                f"{fmt(after['fd'], 3):>8s} {after['fd'] / base['fd']:8.2f} "
+                f"{fmt(first_zero_step(report, 'forget_class_rate')):>10s} {report['wall_seconds']:7.0f}"
             )
     plot(results, os.path.join(args.output_dir, "quality_vs_forgetting.png"))
 

@@ -69,6 +69,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="Pixel L2 distance ([0, 1] pixel units) below which a sample copies a forget image.")
     parser.add_argument("--forget_class", type=int, default=None,
                         help="Class to count among the samples (needs a classifier): forget_class_rate / _count.")
+    parser.add_argument("--class_min_confidence", type=float, default=0.5,
+                        help="A sample counts as --forget_class only if the classifier gives it this probability "
+                             "(0: plain arg-max).")
     parser.add_argument("--class_label", type=int, default=None,
                         help="Class-conditional models: sample every image with this label (default: the null label).")
     parser.add_argument("--guidance_scale", type=float, default=1.0,
@@ -234,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reference_features=reference_features,
         memorization_threshold=args.memorization_threshold,
         forget_class=args.forget_class,
+        class_min_confidence=args.class_min_confidence,
         seed=args.seed,
         num_timesteps=args.num_timesteps,
         noise_draws=args.noise_draws,

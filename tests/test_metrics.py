@@ -27,6 +27,7 @@ from diffusers_unlearn.metrics import (
     mia_auc,
     nearest_distances,
     pul,
+    predict_labels,
     pul_from_reports,
     timestep_grid,
     weight_distance,
@@ -189,6 +190,30 @@ def test_memorization_rate_counts():
     assert memorization_rate(samples, canary, threshold=100.0) == 1.0
     with pytest.raises(ValueError, match="threshold"):
         memorization_rate(samples, canary, threshold=0.0)
+
+
+class FixedLogits(nn.Module):
+    """Returns preset logits, one row per image (the image's first pixel indexes the row)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("table", torch.tensor(logits, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.table[x.flatten(1)[:, 0].round().long()]
+
+
+def test_low_confidence_samples_count_toward_no_class():
+    # Row 0: confident class 1 (p ~ 0.98). Row 1: arg-max 1 but p ~ 0.37 (noise-like). Row 2: confident class 0.
+    classifier = FixedLogits([[0.0, 4.0, 0.0], [0.5, 1.0, 0.5], [3.0, 0.0, 0.0]])
+    images = torch.tensor([0.0, 1.0, 2.0, 1.0]).view(4, 1, 1, 1)
+    assert predict_labels(classifier, images).tolist() == [1, 1, 0, 1]
+    assert predict_labels(classifier, images, min_confidence=0.5).tolist() == [1, -1, 0, -1]
+    report = evaluate_ddpm(images, classifier=classifier, forget_class=1)
+    assert report["forget_class_count"] == 1 and report["class_min_confidence"] == 0.5
+    assert evaluate_ddpm(images, classifier=classifier, forget_class=1, class_min_confidence=0.0)["forget_class_count"] == 3
+    with pytest.raises(ValueError, match="min_confidence"):
+        predict_labels(classifier, images, min_confidence=1.5)
 
 
 def test_class_rate_and_pul():

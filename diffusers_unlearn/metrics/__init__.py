@@ -18,7 +18,7 @@ Example:
 """
 
 from .classes import class_count, class_rate, pul
-from .classifier import classifier_features, classifier_logits, predict_labels
+from .classifier import DEFAULT_MIN_CONFIDENCE, UNRECOGNIZED, classifier_features, classifier_logits, predict_labels
 from .likelihood import denoising_losses, kl_to_standard_normal, mia_auc, timestep_grid
 from .memorization import memorization_rate, nearest_distances, to_unit_interval
 from .quality import classifier_score, frechet_distance, frechet_distance_from_stats, gaussian_stats
@@ -26,6 +26,8 @@ from .suite import evaluate_ddpm, pul_from_reports
 from .weights import weight_distance
 
 __all__ = [
+    "DEFAULT_MIN_CONFIDENCE",
+    "UNRECOGNIZED",
     "class_count",
     "class_rate",
     "classifier_features",

@@ -42,15 +42,39 @@ def classifier_logits(classifier: nn.Module, images: torch.Tensor, batch_size: i
     return logits
 
 
-def predict_labels(classifier: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+UNRECOGNIZED = -1
+"""Label `predict_labels` gives a sample whose top class probability is below `min_confidence`."""
+
+DEFAULT_MIN_CONFIDENCE = 0.5
+"""Class-counting default: a sample counts as class c only if the classifier gives c at least this probability.
+
+An arg-max always names some class, even for a sample that is pure noise; after class unlearning the forgotten
+class often turns into exactly such noise, and the toy classifier happens to call dark noise a "1". Requiring a
+probability of 0.5 (more than all other classes together) keeps those samples out of the forget-class count.
+"""
+
+
+def predict_labels(
+    classifier: nn.Module, images: torch.Tensor, batch_size: int = 256, min_confidence: float = 0.0
+) -> torch.Tensor:
     """The classifier's arg-max label for each image, as a long tensor of shape (N,).
+
+    With `min_confidence > 0`, images whose top softmax probability is below it get `UNRECOGNIZED` (-1) instead,
+    so they count toward no class.
 
     Example:
         >>> clf = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
         >>> predict_labels(clf, torch.zeros(5, 1, 2, 2)).shape
         torch.Size([5])
     """
-    return classifier_logits(classifier, images, batch_size).argmax(dim=1)
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}.")
+    logits = classifier_logits(classifier, images, batch_size)
+    probabilities = logits.softmax(dim=1)
+    confidence, labels = probabilities.max(dim=1)
+    if min_confidence > 0:
+        labels = torch.where(confidence >= min_confidence, labels, torch.full_like(labels, UNRECOGNIZED))
+    return labels
 
 
 def classifier_features(classifier: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

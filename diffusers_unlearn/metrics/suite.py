@@ -14,7 +14,7 @@ from torch import nn
 
 from ..objectives.base import Denoiser, DenoisingBatch
 from .classes import class_count, pul
-from .classifier import classifier_features, classifier_logits
+from .classifier import DEFAULT_MIN_CONFIDENCE, classifier_features, classifier_logits
 from .likelihood import denoising_losses, kl_to_standard_normal, mia_auc
 from .memorization import nearest_distances
 from .quality import classifier_score, frechet_distance_from_stats, gaussian_stats
@@ -39,6 +39,7 @@ def evaluate_ddpm(
     reference_features: Optional[ReferenceFeatures] = None,
     memorization_threshold: Optional[float] = None,
     forget_class: Optional[int] = None,
+    class_min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     seed: int = 0,
     num_timesteps: int = 10,
     noise_draws: int = 1,
@@ -56,7 +57,8 @@ def evaluate_ddpm(
       the fraction / number of samples closer than the threshold to a forget image (pixel L2 in [0, 1] units, or
       cosine distance in `feature_fn`'s features);
     - `forget_class_rate`, `forget_class_count`: with `forget_class` (needs `classifier`); the fraction / number
-      of samples the classifier assigns to that class. `pul_from_reports` turns two counts into PUL;
+      of samples the classifier assigns to that class with probability >= `class_min_confidence` (0 counts the
+      plain arg-max). `pul_from_reports` turns two counts into PUL;
     - `classifier_score`: with `classifier`;
     - `fd`: with `classifier` and `reference_features` (features of real images, shape (M, D), or their
       `gaussian_stats` as a (mean, cov) pair); the Fréchet distance in the classifier's feature space;
@@ -109,8 +111,12 @@ def evaluate_ddpm(
         if forget_class is not None:
             if not 0 <= int(forget_class) < logits.shape[1]:
                 raise ValueError(f"forget_class {forget_class} is outside the classifier's {logits.shape[1]} classes.")
-            count = class_count(logits.argmax(dim=1), int(forget_class))
+            if not 0.0 <= class_min_confidence <= 1.0:
+                raise ValueError(f"class_min_confidence must be in [0, 1], got {class_min_confidence}.")
+            confidence, labels = logits.softmax(dim=1).max(dim=1)
+            count = class_count(labels[confidence >= class_min_confidence], int(forget_class))
             report["forget_class"] = int(forget_class)
+            report["class_min_confidence"] = float(class_min_confidence)
             report["forget_class_rate"] = count / report["num_samples"]
             report["forget_class_count"] = count
         report["classifier_score"] = classifier_score(logits)
