@@ -15,7 +15,6 @@ evaluation before -> loop -> save, evaluation after, report, card, upload.
 
 import argparse
 import logging
-import math
 import os
 import shutil
 import time
@@ -27,7 +26,6 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from diffusers_unlearn import data as unlearn_data
 from diffusers_unlearn.hub import atomic_write_json, push_folder, write_model_card
@@ -51,42 +49,21 @@ from diffusers_unlearn.noise import NoiseSchedule
 from diffusers_unlearn.objectives import (
     DenoisingBatch,
     Denoiser,
-    available_objectives,
     get_objective,
     hyperparameters_from_flags,
 )
 from diffusers_unlearn.pipelines.ddpm import ClassConditionalDDPMPipeline, sample_images
-from diffusers_unlearn.unlearner import (
-    BatchPool,
-    Unlearner,
-    load_trainable_state,
-    save_trainable_state,
-    step_generator,
+from diffusers_unlearn.training import (
+    add_method_arguments,
+    check_method_arguments,
+    print_summary,
+    register_checkpoint_hooks,
+    resume_from_checkpoint,
+    run_unlearning_loop,
 )
+from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
 logger = get_logger(__name__, log_level="INFO")
-
-METHOD_FLAGS = {
-    # flag: (type, help)
-    "siss_lambda": (float, "SISS mixture weight lambda in [0, 1] (default 0.5)."),
-    "siss_weighting": (str, "'fixed_norm' (default, reference form) or 'paper'."),
-    "siss_scaling_norm": (float, "Fixed norm c of the forget gradient (default: calibrated, see --siss_relative_norm)."),
-    "siss_relative_norm": (float, "Calibrate c as this fraction of the first keep-gradient norm (default 0.1)."),
-    "siss_norm_refresh_every": (int, "Measure ||grad forget|| every N steps (1 = exact, default)."),
-    "siss_superfactor": (float, "Paper form: forget weight multiplier s (default 0)."),
-    "neggrad_alpha": (float, "NegGrad forget-loss weight (default 1)."),
-    "neggrad_keep_weight": (float, "NegGrad+ keep-loss weight (default 0 = plain NegGrad)."),
-    "erasediff_weighting": (str, "'adaptive' (BOME, default) or 'fixed'."),
-    "erasediff_eta": (float, "BOME eta (default 1e-3)."),
-    "erasediff_lambda": (float, "Fixed forget weight when --erasediff_weighting fixed (default 0.1)."),
-    "erasediff_inner_steps": (int, "K inner steps on the forget objective (default 0)."),
-    "erasediff_inner_lr": (float, "Inner-loop step size (default 1e-3)."),
-    "vdu_gamma": (float, "Weight of VDU's stability regularizer (default 1)."),
-    "vdu_precision": (str, "'l2' (default), 'fisher' or 'checkpoints'."),
-    "vdu_plasticity": (str, "'hinge' (default) or 'log'."),
-    "vdu_target_loss": (float, "Forget loss at which VDU's plasticity term stops (default 1.0)."),
-}
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Unlearn training data from a DDPM.")
@@ -140,14 +117,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report_to", type=str, default="none", help="'tensorboard', 'wandb', 'all' or 'none'.")
     # Unlearning.
-    parser.add_argument("--method", type=str, default="siss", help=f"One of: {', '.join(available_objectives())}.")
+    add_method_arguments(parser)
     parser.add_argument("--train_mode", type=str, default="lora", choices=["lora", "full"])
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank.")
     parser.add_argument("--lora_targets", type=str, default="attention_conv", help="'attention', 'attention_conv' or module names.")
-    for flag, (kind, text) in METHOD_FLAGS.items():
-        parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
-    parser.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"))
     # Evaluation.
     parser.add_argument("--validation_steps", type=int, default=100)
     parser.add_argument("--num_validation_images", type=int, default=64)
@@ -159,8 +133,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
 
     # Cheap checks first: nothing expensive has happened yet.
-    if args.method not in available_objectives():
-        parser.error(f"--method {args.method!r} is unknown; choose one of: {', '.join(available_objectives())}.")
+    check_method_arguments(parser, args)
     if args.forget_data_dir and args.forget_dataset_name:
         parser.error("Give --forget_data_dir or --forget_dataset_name, not both.")
     if (args.forget_class is not None or args.forget_indices) and not args.forget_dataset_name:
@@ -191,13 +164,6 @@ def parse_args(argv=None):
             args.keep_dataset_name = args.keep_dataset_name or unlearn_data.TOY_DATASET
     if args.learning_rate is None:
         args.learning_rate = 5e-3 if args.train_mode == "lora" else 1e-4
-    args.method_flags = {flag: getattr(args, flag) for flag in METHOD_FLAGS}
-    args.method_flags["timestep_range"] = args.timestep_range
-    try:  # validate the method's hyperparameters now, before loading anything
-        get_objective(args.method, **hyperparameters_from_flags(args.method, args.method_flags))
-    except ValueError as error:
-        if "n > k" not in str(error) and "needs n" not in str(error):
-            parser.error(str(error))
     return args
 
 
@@ -374,21 +340,7 @@ def main(args):
     denoiser.model = unet
     unlearner = Unlearner(objective, denoiser, optimizer, accelerator, lr_scheduler, args.max_grad_norm)
 
-    # Checkpoint hooks: only the trainable weights are written (the frozen base never changes).
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            save_trainable_state(accelerator.unwrap_model(models[0]), output_dir)
-        weights.pop()
-
-    def load_model_hook(models, input_dir):
-        model = models.pop()
-        load_trainable_state(accelerator.unwrap_model(model), input_dir)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-    accelerator.register_for_checkpointing(unlearner)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    register_checkpoint_hooks(accelerator, unlearner, ema)
 
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("unlearn-ddpm", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
@@ -396,47 +348,23 @@ def main(args):
     forget_pool = BatchPool(forget.images, forget.labels if is_conditional else None)
     keep_pool = BatchPool(keep.images, keep.labels if is_conditional else None) if keep is not None else None
 
-    global_step = 0
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            found = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp")), key=lambda d: int(d.split("-")[1])) if os.path.isdir(args.output_dir) else []
-            path = os.path.join(args.output_dir, found[-1]) if found else None
-        if path is None:
-            logger.info("No checkpoint found; starting a new run.")
-        else:
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"--resume_from_checkpoint {path} does not exist.")
-            accelerator.load_state(path)
-            global_step = unlearner.optimizer_steps
-            logger.info(f"Resumed from {path} at step {global_step}.")
+    start_step = resume_from_checkpoint(accelerator, unlearner, args.output_dir, args.resume_from_checkpoint)
 
     # The loop: each optimizer step draws its batches from a generator fixed by (seed, step, micro-batch, rank).
-    progress = tqdm(range(global_step, args.max_train_steps), initial=global_step, total=args.max_train_steps, disable=not accelerator.is_local_main_process, desc="Unlearning")
-    device = accelerator.device
-    validation_history = []
-    while global_step < args.max_train_steps:
-        for micro in range(args.gradient_accumulation_steps):
-            generator = step_generator(args.seed, global_step, micro, accelerator.process_index)
-            forget_batch = forget_pool.sample(args.train_batch_size, generator, device)
-            keep_batch = keep_pool.sample(args.train_batch_size, generator, device) if keep_pool is not None else None
-            out = unlearner.step(forget_batch, keep_batch, generator=generator)
-        if not out.optimizer_stepped:
-            raise RuntimeError("Accumulation did not end in an optimizer step; this is a bug.")
-        global_step += 1
+    def update_ema(step):
         if ema is not None:
             ema.step(trainable_parameters(accelerator.unwrap_model(unet)))
-        progress.update(1)
-        shown = {k: round(v, 4) for k, v in out.logs.items() if k in ("term_keep", "term_forget", "grad_norm", "loss_x", "loss_a", "loss_keep", "loss_forget")}
-        progress.set_postfix(**shown)
-        accelerator.log(out.logs, step=global_step)
 
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, global_step)
-        if global_step % args.validation_steps == 0 and accelerator.is_main_process and global_step < args.max_train_steps:
-            validation_history.append(validate(accelerator, args, unet, ema, sample, forget, threshold, global_step, classifier if class_unlearning else None))
-    progress.close()
-    accelerator.wait_for_everyone()
+    def run_validation(step):
+        return validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier if class_unlearning else None)
+
+    validation_history = run_unlearning_loop(
+        accelerator, unlearner, forget_pool, keep_pool,
+        output_dir=args.output_dir, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
+        seed=args.seed, start_step=start_step, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
+        validation_steps=args.validation_steps, validate=run_validation, after_optimizer_step=update_ema,
+    )
 
     # Save, evaluate after, report, card, upload (main process only).
     if accelerator.is_main_process:
@@ -494,26 +422,6 @@ def main(args):
     accelerator.end_training()
 
 
-def save_checkpoint(accelerator, args, step):
-    """accelerate state into checkpoint-<step>, written under a temporary name and renamed."""
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp")), key=lambda d: int(d.split("-")[1]))
-        while len(existing) >= args.checkpoints_total_limit:
-            shutil.rmtree(os.path.join(args.output_dir, existing.pop(0)))
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        logger.info(f"Saved {final}")
-    accelerator.wait_for_everyone()
-
-
 def validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier_for_rate=None):
     """A small sample grid (and memorization rate) every --validation_steps, never every step."""
     from diffusers_unlearn.metrics import memorization_rate
@@ -552,16 +460,6 @@ def save_full_pipeline(model, scheduler, output_dir, is_conditional):
             shutil.rmtree(target)
         os.replace(os.path.join(tmp, entry), target)
     shutil.rmtree(tmp)
-
-
-def print_summary(report):
-    before, after = report["metrics"]["before"], report["metrics"]["after"]
-    print(f"\nUnlearning summary: {report['method']} ({report['train_mode']}), {report['max_train_steps']} steps, {report['wall_seconds']:.0f} s")
-    print(f"{'metric':22s} {'before':>12s} {'after':>12s}")
-    for key in before:
-        if key in after and not isinstance(before[key], (list, dict)) and key != "wall_seconds":
-            fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-            print(f"{key:22s} {fmt(before[key]):>12s} {fmt(after[key]):>12s}")
 
 
 if __name__ == "__main__":

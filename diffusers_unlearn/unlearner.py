@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -173,16 +173,24 @@ class BatchPool:
     """Tensors of one set (forget or keep) kept in memory, sampled uniformly with replacement.
 
     `x0` are images or cached latents; `class_labels` / `encoder_hidden_states` (cached prompt
-    embeddings) are optional and indexed alongside.
+    embeddings) are optional and indexed alongside. When the text encoder trains, embeddings cannot be
+    cached: give the token ids as `input_ids` and the function that encodes them (with gradients) as
+    `encode`, and each sampled batch gets fresh `encoder_hidden_states`.
     """
 
     x0: torch.Tensor
     class_labels: Optional[torch.Tensor] = None
     encoder_hidden_states: Optional[torch.Tensor] = None
+    input_ids: Optional[torch.Tensor] = None
+    encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         if len(self.x0) == 0:
             raise ValueError("A batch pool needs at least one item.")
+        if (self.input_ids is None) != (self.encode is None):
+            raise ValueError("Give input_ids and encode together.")
+        if self.input_ids is not None and self.encoder_hidden_states is not None:
+            raise ValueError("Give cached encoder_hidden_states or input_ids with encode, not both.")
 
     def __len__(self) -> int:
         return int(self.x0.shape[0])
@@ -193,13 +201,16 @@ class BatchPool:
         def pick(tensor):
             return None if tensor is None else tensor[index].to(device or tensor.device)
 
-        return DenoisingBatch(pick(self.x0), pick(self.class_labels), pick(self.encoder_hidden_states))
+        hidden = pick(self.encoder_hidden_states)
+        if self.input_ids is not None:
+            hidden = self.encode(pick(self.input_ids))
+        return DenoisingBatch(pick(self.x0), pick(self.class_labels), hidden)
 
 
 TRAINABLE_WEIGHTS_NAME = "trainable_weights.safetensors"
 
 
-def save_trainable_state(model: torch.nn.Module, directory: str) -> str:
+def save_trainable_state(model: torch.nn.Module, directory: str, file_name: str = TRAINABLE_WEIGHTS_NAME) -> str:
     """Write the trainable parameters (the LoRA factors, or every weight when fully fine-tuning)
     to one safetensors file, atomically. Used by checkpoints: the frozen base is not copied."""
     import os
@@ -209,7 +220,7 @@ def save_trainable_state(model: torch.nn.Module, directory: str) -> str:
 
     state = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, TRAINABLE_WEIGHTS_NAME)
+    path = os.path.join(directory, file_name)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     os.close(fd)
     try:
@@ -222,13 +233,13 @@ def save_trainable_state(model: torch.nn.Module, directory: str) -> str:
     return path
 
 
-def load_trainable_state(model: torch.nn.Module, directory: str) -> None:
+def load_trainable_state(model: torch.nn.Module, directory: str, file_name: str = TRAINABLE_WEIGHTS_NAME) -> None:
     """Copy the weights written by `save_trainable_state` back into `model` (names must match)."""
     import os
 
     from safetensors.torch import load_file
 
-    path = os.path.join(directory, TRAINABLE_WEIGHTS_NAME)
+    path = os.path.join(directory, file_name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: is {directory} a checkpoint of this script?")
     state = load_file(path)

@@ -1,0 +1,252 @@
+"""The parts of a training run that `train_unlearn_ddpm.py` and `train_unlearn_sd.py` share.
+
+The scripts own argument parsing, model loading, data, evaluation and saving. This module owns
+what must behave identically in both: the method flags, the optimizer-step loop, checkpoints
+(written atomically, pruned to a limit) and exact resumption.
+
+Example:
+    >>> history = run_unlearning_loop(
+    ...     accelerator, unlearner, forget_pool, keep_pool, output_dir="out", max_train_steps=300,
+    ...     train_batch_size=64, seed=0, checkpointing_steps=100, validation_steps=50, validate=my_validation,
+    ... )
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from typing import Any, Callable, Optional
+
+from tqdm.auto import tqdm
+
+from .objectives import available_objectives, get_objective, hyperparameters_from_flags
+from .unlearner import BatchPool, Unlearner, load_trainable_state, save_trainable_state, step_generator
+
+logger = logging.getLogger(__name__)
+
+METHOD_FLAGS: dict[str, tuple[type, str]] = {
+    # flag: (type, help)
+    "siss_lambda": (float, "SISS mixture weight lambda in [0, 1] (default 0.5)."),
+    "siss_weighting": (str, "'fixed_norm' (default, reference form) or 'paper'."),
+    "siss_scaling_norm": (float, "Fixed norm c of the forget gradient (default: calibrated, see --siss_relative_norm)."),
+    "siss_relative_norm": (float, "Calibrate c as this fraction of the first keep-gradient norm (default 0.1)."),
+    "siss_norm_refresh_every": (int, "Measure ||grad forget|| every N steps (1 = exact, default)."),
+    "siss_superfactor": (float, "Paper form: forget weight multiplier s (default 0)."),
+    "neggrad_alpha": (float, "NegGrad forget-loss weight (default 1)."),
+    "neggrad_keep_weight": (float, "NegGrad+ keep-loss weight (default 0 = plain NegGrad)."),
+    "erasediff_weighting": (str, "'adaptive' (BOME, default) or 'fixed'."),
+    "erasediff_eta": (float, "BOME eta (default 1e-3)."),
+    "erasediff_lambda": (float, "Fixed forget weight when --erasediff_weighting fixed (default 0.1)."),
+    "erasediff_inner_steps": (int, "K inner steps on the forget objective (default 0)."),
+    "erasediff_inner_lr": (float, "Inner-loop step size (default 1e-3)."),
+    "vdu_gamma": (float, "Weight of VDU's stability regularizer (default 1)."),
+    "vdu_precision": (str, "'l2' (default), 'fisher' or 'checkpoints'."),
+    "vdu_plasticity": (str, "'hinge' (default) or 'log'."),
+    "vdu_target_loss": (float, "Forget loss at which VDU's plasticity term stops (default 1.0)."),
+}
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--method`, every method hyperparameter flag and `--timestep_range`."""
+    parser.add_argument("--method", type=str, default="siss", help=f"One of: {', '.join(available_objectives())}.")
+    for flag, (kind, text) in METHOD_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    parser.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="Sample training timesteps in [LOW, HIGH) only (default: all).")
+
+
+def check_method_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate `--method` and its hyperparameters before anything is loaded; sets `args.method_flags`."""
+    if args.method not in available_objectives():
+        parser.error(f"--method {args.method!r} is unknown; choose one of: {', '.join(available_objectives())}.")
+    args.method_flags = {flag: getattr(args, flag) for flag in METHOD_FLAGS}
+    args.method_flags["timestep_range"] = args.timestep_range
+    try:
+        get_objective(args.method, **hyperparameters_from_flags(args.method, args.method_flags))
+    except ValueError as error:
+        # n and k come from the data later; every other problem is the user's to fix now.
+        if "n > k" not in str(error) and "needs n" not in str(error):
+            parser.error(str(error))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Finished `checkpoint-<step>` folders in `output_dir`, oldest first (temporary `.tmp` folders excluded)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda d: int(d.split("-", 1)[1]))
+
+
+def trainable_weights_name(index: int) -> str:
+    return "trainable_weights.safetensors" if index == 0 else f"trainable_weights_{index}.safetensors"
+
+
+def register_checkpoint_hooks(accelerator, unlearner: Unlearner, ema=None) -> None:
+    """Checkpoints hold only the trainable weights of each prepared model (the frozen base never changes),
+    the optimizer, LR scheduler and RNG states (accelerate), the unlearner's step count and combiner state, and
+    the EMA weights."""
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for index, model in enumerate(models):
+                save_trainable_state(accelerator.unwrap_model(model), output_dir, trainable_weights_name(index))
+        while weights:
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        for index in range(len(models)):
+            load_trainable_state(accelerator.unwrap_model(models[index]), input_dir, trainable_weights_name(index))
+        while models:
+            models.pop()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    accelerator.register_for_checkpointing(unlearner)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int] = None) -> str:
+    """accelerate state into `checkpoint-<step>`: written under a temporary name, then renamed, so a crash never
+    leaves a half-written checkpoint behind. Keeps at most `total_limit` checkpoints (oldest removed first)."""
+    if accelerator.is_main_process and total_limit is not None:
+        existing = list_checkpoints(output_dir)
+        while existing and len(existing) >= total_limit:
+            shutil.rmtree(os.path.join(output_dir, existing.pop(0)))
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_from_checkpoint(accelerator, unlearner: Unlearner, output_dir: str, checkpoint: Optional[str]) -> int:
+    """Load `checkpoint` (a folder, or "latest" in `output_dir`); returns the optimizer step to continue from.
+
+    Because every batch and noise draw comes from `step_generator(seed, step, ...)`, the resumed run draws
+    exactly what an uninterrupted run would have.
+    """
+    if not checkpoint:
+        return 0
+    path = checkpoint
+    if checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.info("No checkpoint found; starting a new run.")
+            return 0
+        path = os.path.join(output_dir, found[-1])
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--resume_from_checkpoint {path} does not exist.")
+    accelerator.load_state(path)
+    logger.info(f"Resumed from {path} at step {unlearner.optimizer_steps}.")
+    return unlearner.optimizer_steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+
+PROGRESS_KEYS = ("term_keep", "term_forget", "grad_norm", "loss_x", "loss_a", "loss_keep", "loss_forget")
+
+
+def run_unlearning_loop(
+    accelerator,
+    unlearner: Unlearner,
+    forget_pool: BatchPool,
+    keep_pool: Optional[BatchPool],
+    *,
+    output_dir: str,
+    max_train_steps: int,
+    train_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    gradient_accumulation_steps: int = 1,
+    checkpointing_steps: Optional[int] = None,
+    checkpoints_total_limit: Optional[int] = None,
+    validation_steps: Optional[int] = None,
+    validate: Optional[Callable[[int], dict[str, Any]]] = None,
+    after_optimizer_step: Optional[Callable[[int], None]] = None,
+    desc: str = "Unlearning",
+) -> list[dict[str, Any]]:
+    """Optimizer steps from `start_step` to `max_train_steps`; returns the validation history.
+
+    Each optimizer step draws its batches and noise from `step_generator(seed, step, micro_batch, rank)`.
+    `validate(step)` runs on the main process every `validation_steps` (never every step, and not at the last
+    step, which the scripts evaluate in full); `after_optimizer_step(step)` runs on every process (EMA updates).
+    A checkpoint is written every `checkpointing_steps`.
+    """
+    progress = tqdm(
+        range(start_step, max_train_steps), initial=start_step, total=max_train_steps,
+        disable=not accelerator.is_local_main_process, desc=desc,
+    )
+    device = accelerator.device
+    history = []
+    step = start_step
+    while step < max_train_steps:
+        for micro in range(gradient_accumulation_steps):
+            generator = step_generator(seed, step, micro, accelerator.process_index)
+            forget_batch = forget_pool.sample(train_batch_size, generator, device)
+            keep_batch = keep_pool.sample(train_batch_size, generator, device) if keep_pool is not None else None
+            out = unlearner.step(forget_batch, keep_batch, generator=generator)
+        if not out.optimizer_stepped:
+            raise RuntimeError("Accumulation did not end in an optimizer step; this is a bug.")
+        step += 1
+        if after_optimizer_step is not None:
+            after_optimizer_step(step)
+        progress.update(1)
+        progress.set_postfix(**{k: round(v, 4) for k, v in out.logs.items() if k in PROGRESS_KEYS})
+        accelerator.log(out.logs, step=step)
+
+        if checkpointing_steps and step % checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir, step, checkpoints_total_limit)
+        if (
+            validate is not None and validation_steps and step % validation_steps == 0
+            and step < max_train_steps and accelerator.is_main_process
+        ):
+            history.append(validate(step))
+    progress.close()
+    accelerator.wait_for_everyone()
+    return history
+
+
+def print_summary(report: dict[str, Any], keys: Optional[list[str]] = None) -> None:
+    """The before/after table both scripts print at the end."""
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    print(f"\nUnlearning summary: {report['method']} ({report['train_mode']}), {report['max_train_steps']} steps, "
+          f"{report['wall_seconds']:.0f} s")
+    print(f"{'metric':22s} {'before':>12s} {'after':>12s}")
+
+    def fmt(value):
+        return "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+    for key in keys or list(before):
+        if key in after and not isinstance(before.get(key), (list, dict)) and key != "wall_seconds":
+            print(f"{key:22s} {fmt(before[key]):>12s} {fmt(after[key]):>12s}")
+
+
+__all__ = [
+    "METHOD_FLAGS",
+    "add_method_arguments",
+    "check_method_arguments",
+    "list_checkpoints",
+    "print_summary",
+    "register_checkpoint_hooks",
+    "resume_from_checkpoint",
+    "run_unlearning_loop",
+    "save_checkpoint",
+]
