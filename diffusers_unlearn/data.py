@@ -68,14 +68,22 @@ def pixel_hash(image: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _to_tensor(image: Image.Image, resolution: int, channels: int, name: str, notices: list[str]) -> torch.Tensor:
-    """PIL image -> (C, H, W) float in [-1, 1], converting mode and size with a notice."""
+def _to_tensor(
+    image: Image.Image, resolution: int, channels: int, name: str, notices: list[str], center_crop: bool = False
+) -> torch.Tensor:
+    """PIL image -> (C, H, W) float in [-1, 1], converting mode and size with a notice. With `center_crop`, a
+    non-square image is cropped to its centre square first instead of being squeezed."""
     mode = "L" if channels == 1 else "RGB"
     if channels not in (1, 3):
         raise DataError(f"Only 1- or 3-channel models are supported, got {channels} channels.")
     if image.mode != mode:
         notices.append(f"{name}: converted {image.mode} to {mode} ({channels} channel(s)).")
         image = image.convert(mode)
+    if center_crop and image.size[0] != image.size[1]:
+        side = min(image.size)
+        left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
+        notices.append(f"{name}: cropped {image.size[0]}x{image.size[1]} to its centre {side}x{side}.")
+        image = image.crop((left, top, left + side, top + side))
     if image.size != (resolution, resolution):
         notices.append(f"{name}: resized {image.size[0]}x{image.size[1]} to {resolution}x{resolution}.")
         image = image.resize((resolution, resolution), Image.BICUBIC)
@@ -111,6 +119,7 @@ def load_image_folder(
     channels: int,
     what: str = "forget",
     require_text: bool = False,
+    center_crop: bool = False,
 ) -> ImageSet:
     """Load every image of a folder (an imagefolder: optional metadata.jsonl with `file_name`
     and `text` or `label`).
@@ -145,7 +154,7 @@ def load_image_folder(
         try:
             with Image.open(path) as image:
                 image.load()
-                tensor = _to_tensor(image, resolution, channels, path.name, notices)
+                tensor = _to_tensor(image, resolution, channels, path.name, notices, center_crop)
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise DataError(f"Cannot read image {path}: {error}. Replace or remove the file.") from None
         row = metadata.get(path.name, {})
@@ -298,3 +307,83 @@ def filter_far_from(
 def log_notices(data: ImageSet, log=logger.info) -> None:
     for notice in data.notices:
         log(notice)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text-to-image forget sets (train_unlearn_sd.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_prompted_images(
+    image_paths: Sequence[str],
+    prompts: Sequence[str],
+    resolution: int,
+    channels: int = 3,
+    what: str = "forget",
+    center_crop: bool = False,
+) -> ImageSet:
+    """Images given one by one with one prompt each (`--forget_images` with `--forget_prompts`).
+
+    Raises `DataError` when the counts differ, a prompt is empty, or a file is missing or not an image.
+    """
+    if len(image_paths) != len(prompts):
+        raise DataError(
+            f"--{what}_images has {len(image_paths)} file(s) but --{what}_prompts has {len(prompts)} prompt(s); "
+            "give exactly one prompt per image, in the same order."
+        )
+    if not image_paths:
+        raise DataError(f"--{what}_images is empty.")
+    notices: list[str] = []
+    images = []
+    for path, prompt in zip(image_paths, prompts):
+        if not str(prompt).strip():
+            raise DataError(f"The prompt for {path} is empty; every --{what}_images file needs a prompt.")
+        if not os.path.isfile(path):
+            raise DataError(f"--{what}_images: {path} does not exist.")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(_to_tensor(image, resolution, channels, os.path.basename(path), notices, center_crop))
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise DataError(f"Cannot read image {path}: {error}. Replace or remove the file.") from None
+    stacked = torch.stack(images)
+    return ImageSet(stacked, [pixel_hash(im) for im in stacked], [str(p) for p in image_paths], None, [str(p) for p in prompts], notices)
+
+
+def read_prompts_file(path: str | os.PathLike, field: str = "caption") -> list[str]:
+    """Prompts from a JSON-lines file with a `caption` field per line (the format of the public list of
+    memorized LAION prompts, and of `python -m diffusers_unlearn.scan`'s output), or a plain text file with one
+    prompt per line. Blank lines are skipped; duplicates are kept once, in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Prompts file {path} does not exist.")
+    prompts: list[str] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
+            if not str(row.get(field, "")).strip():
+                raise DataError(f"{path}, line {number}: no {field!r} field; each JSON line needs one.")
+            line = str(row[field]).strip()
+        if line not in prompts:
+            prompts.append(line)
+    if not prompts:
+        raise DataError(f"Prompts file {path} holds no prompts.")
+    return prompts
+
+
+def largest_cluster(images: torch.Tensor, threshold: float) -> list[int]:
+    """Indices of the largest group of near-identical images: each member lies within `threshold` (pixel L2 in
+    [0, 1] units) of the group's most connected image. A memorized prompt makes many generations collapse onto
+    the training image, so that group is the memorized content (SISS built its Stable Diffusion forget sets this
+    way). Returns a single index when no two images are that close."""
+    flat = ((images.float() + 1) / 2).flatten(1)
+    distances = torch.cdist(flat, flat)
+    neighbours = distances < threshold
+    center = int(neighbours.sum(dim=1).argmax())
+    return [i for i in range(len(images)) if bool(neighbours[center, i])]

@@ -47,6 +47,17 @@ def metrics_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def prompt_table(per_prompt: dict) -> str:
+    """A markdown table of per-prompt metrics: {prompt: {metric: {"before": v, "after": v}}}."""
+    metrics = sorted({m for row in per_prompt.values() for m in row})
+    header = " | ".join(f"{m} before | {m} after" for m in metrics)
+    lines = [f"| prompt | {header} |", "|---" * (1 + 2 * len(metrics)) + "|"]
+    for prompt, row in per_prompt.items():
+        cells = " | ".join(f"{_format(row.get(m, {}).get('before'))} | {_format(row.get(m, {}).get('after'))}" for m in metrics)
+        lines.append(f"| {prompt} | {cells} |")
+    return "\n".join(lines)
+
+
 def write_model_card(
     output_dir: str,
     report: dict,
@@ -54,6 +65,7 @@ def write_model_card(
     repo_id: Optional[str] = None,
     images: Optional[dict[str, str]] = None,
     is_adapter: bool = True,
+    text_to_image: bool = False,
 ) -> str:
     """Write `README.md` in `output_dir`: what was forgotten, how, and the measured effect.
 
@@ -65,13 +77,25 @@ def write_model_card(
 
     method = report["method"]
     items = report.get("forget_items", [])
-    loading = (
-        "```python\nfrom diffusers_unlearn.pipelines import UnlearnDDPMPipeline\n\n"
-        f"pipe = UnlearnDDPMPipeline.from_pretrained({base_model!r})\n"
-        f"pipe.load_unlearning_adapter({(repo_id or output_dir)!r})\n```"
-        if is_adapter
-        else f"```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained({(repo_id or output_dir)!r})\n```"
-    )
+    if text_to_image:
+        loading = (
+            "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained({base_model!r})\n"
+            f"pipe.load_lora_weights({(repo_id or output_dir)!r})\n```"
+            if is_adapter
+            else f"```python\nfrom diffusers import StableDiffusionPipeline\n\npipe = StableDiffusionPipeline.from_pretrained({(repo_id or output_dir)!r})\n```"
+        )
+    else:
+        loading = (
+            "```python\nfrom diffusers_unlearn.pipelines import UnlearnDDPMPipeline\n\n"
+            f"pipe = UnlearnDDPMPipeline.from_pretrained({base_model!r})\n"
+            f"pipe.load_unlearning_adapter({(repo_id or output_dir)!r})\n```"
+            if is_adapter
+            else f"```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained({(repo_id or output_dir)!r})\n```"
+        )
+    per_prompt = ""
+    if report.get("per_prompt"):
+        per_prompt = "\n### Per prompt\n\n" + prompt_table(report["per_prompt"]) + "\n"
     gallery = ""
     for caption, file_name in (images or {}).items():
         gallery += f"\n**{caption}**\n\n![{caption}](./{file_name})\n"
@@ -85,7 +109,7 @@ Trained for {report.get('max_train_steps', '?')} steps (seed {report.get('seed')
 ## Measured effect (same sampling seeds before and after)
 
 {metrics_table(report)}
-
+{per_prompt}
 Forgotten items (SHA-256 of the decoded pixels): {', '.join(i['sha256'][:16] + '…' for i in items[:10])}
 
 Hyperparameters: `{json.dumps(report.get('hyperparameters', {}), sort_keys=True)}`
@@ -104,6 +128,8 @@ Hyperparameters: `{json.dumps(report.get('hyperparameters', {}), sort_keys=True)
     tags = ["diffusers", "unlearning", f"unlearning-{method}", method]
     if is_adapter:
         tags.insert(1, "lora")
+    if text_to_image:
+        tags += ["stable-diffusion", "text-to-image"]
     card = populate_model_card(card, tags=tags)
     path = os.path.join(output_dir, "README.md")
     atomic_write_text(path, str(card))

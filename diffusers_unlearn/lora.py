@@ -65,6 +65,7 @@ DEFAULT_WEIGHT_NAME = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors
 
 # The prefix diffusers' pipeline loaders expect in front of UNet keys (`StableDiffusionPipeline.unet_name`).
 UNET_PREFIX = "unet"
+TEXT_ENCODER_PREFIX = "text_encoder"
 
 _ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _RESNET_CONV_TARGETS = ("conv1", "conv2", "conv_shortcut")
@@ -296,6 +297,31 @@ def add_lora(
     return model
 
 
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def add_text_encoder_lora(
+    text_encoder: nn.Module, rank: int = 4, lora_alpha: float | None = None, adapter_name: str = "default"
+) -> nn.Module:
+    """LoRA on a CLIP text encoder's attention projections (q, k, v, out), as diffusers' LoRA scripts do with
+    `--train_text_encoder`. Only the adapter trains; the base text encoder stays frozen.
+
+    Example:
+        >>> text_encoder = add_text_encoder_lora(pipe.text_encoder, rank=4)  # doctest: +SKIP
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}.")
+    text_encoder.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=lora_alpha or rank, init_lora_weights=True, target_modules=list(TEXT_ENCODER_LORA_TARGETS)
+    )
+    text_encoder.add_adapter(config, adapter_name=adapter_name)
+    _train_only_adapter(text_encoder, adapter_name)
+    return text_encoder
+
+
 def _train_only_adapter(model: nn.Module, adapter_name: str) -> None:
     """Freeze everything except `adapter_name`'s lora_A and lora_B.
 
@@ -509,8 +535,13 @@ def save_lora_weights(
     adapter_name: str = "default",
     metadata: Mapping[str, Any] | None = None,
     weight_name: str = DEFAULT_WEIGHT_NAME,
+    text_encoder: nn.Module | None = None,
 ) -> str:
     """Save one adapter as a diffusers LoRA file and return the path written.
+
+    With `text_encoder` (a transformers text model carrying an adapter of the same name, as with the SD script's
+    `--train_text_encoder`), its LoRA goes into the same file under `text_encoder.`, where
+    `StableDiffusionPipeline.load_lora_weights` looks for it.
 
     The file is what `StableDiffusionPipeline.save_lora_weights` writes, for both UNet types: `unet.`-prefixed
     keys and the adapter's `LoraConfig` (rank, alpha, targets) in the header, so loaders restore alpha even when
@@ -537,11 +568,16 @@ def save_lora_weights(
     adapter_metadata = _adapter_metadata(model, adapter_name)
     # diffusers stores each component's config with the component's prefix ("unet.r", "unet.lora_alpha", ...)
     # under one header key, and strips the prefix again when loading into that component.
+    combined = {f"{UNET_PREFIX}.{key}": value for key, value in adapter_metadata.items()}
+    text_encoder_layers, text_encoder_metadata = None, None
+    if text_encoder is not None:
+        _check_adapter(text_encoder, adapter_name)
+        text_encoder_metadata = _adapter_metadata(text_encoder, adapter_name)
+        combined.update({f"{TEXT_ENCODER_PREFIX}.{key}": value for key, value in text_encoder_metadata.items()})
+        text_encoder_layers = lora_state_dict(text_encoder, adapter_name)
     header = {
         "format": "pt",
-        LORA_ADAPTER_METADATA_KEY: json.dumps(
-            {f"{UNET_PREFIX}.{key}": value for key, value in adapter_metadata.items()}, indent=2, sort_keys=True
-        ),
+        LORA_ADAPTER_METADATA_KEY: json.dumps(combined, indent=2, sort_keys=True),
         **_header_entries(metadata),
     }
     written = []
@@ -557,10 +593,12 @@ def save_lora_weights(
     StableDiffusionLoraLoaderMixin.save_lora_weights(
         save_directory=output_dir,
         unet_lora_layers=lora_state_dict(model, adapter_name),
+        text_encoder_lora_layers=text_encoder_layers,
         weight_name=weight_name,
         save_function=atomic_save,
         safe_serialization=True,
         unet_lora_adapter_metadata=adapter_metadata,
+        text_encoder_lora_adapter_metadata=text_encoder_metadata,
     )
     if not written:
         raise RuntimeError(f"diffusers wrote no LoRA file to {output_dir!r}.")

@@ -105,3 +105,54 @@ def test_toy_dataset_loads_and_checks_shape():
     assert len(data.deduplicate(canary)) == 1
     with pytest.raises(DataError, match="expects 3x16x16"):
         data.load_dataset_images(data.TOY_DATASET, 16, 3)
+
+
+def test_prompted_images_need_one_prompt_each(tmp_path):
+    write_png(tmp_path / "a.png", 10, size=16, mode="RGB")
+    write_png(tmp_path / "b.png", 200, size=16, mode="RGB")
+    files = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    loaded = data.load_prompted_images(files, ["a cat", "a dog"], 16, 3)
+    assert loaded.texts == ["a cat", "a dog"] and loaded.images.shape == (2, 3, 16, 16)
+    with pytest.raises(DataError, match="2 file\\(s\\) but --forget_prompts has 1"):
+        data.load_prompted_images(files, ["a cat"], 16, 3)
+    with pytest.raises(DataError, match="prompt for .*b.png is empty"):
+        data.load_prompted_images(files, ["a cat", " "], 16, 3)
+    with pytest.raises(DataError, match="missing.png does not exist"):
+        data.load_prompted_images([str(tmp_path / "missing.png")], ["a cat"], 16, 3)
+
+
+def test_center_crop_keeps_the_middle(tmp_path):
+    array = np.zeros((8, 24), dtype=np.uint8)
+    array[:, 8:16] = 255  # a white centre square between black margins
+    Image.fromarray(array, mode="L").save(tmp_path / "wide.png")
+    cropped = data.load_image_folder(tmp_path, 8, 1, center_crop=True)
+    squeezed = data.load_image_folder(tmp_path, 8, 1)
+    assert torch.all(cropped.images == 1.0)
+    assert squeezed.images.min() < 0  # resizing the whole image keeps the black margins
+    assert any("cropped 24x8" in notice for notice in cropped.notices)
+
+
+def test_read_prompts_file_formats_and_errors(tmp_path):
+    jsonl = tmp_path / "memorized.jsonl"
+    jsonl.write_text('{"caption": "first", "index": 1}\n\n{"caption": "second"}\n{"caption": "first"}\n')
+    assert data.read_prompts_file(jsonl) == ["first", "second"]
+    text = tmp_path / "prompts.txt"
+    text.write_text("a cat\na dog\n")
+    assert data.read_prompts_file(text) == ["a cat", "a dog"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "no caption"}\n')
+    with pytest.raises(DataError, match="line 1: no 'caption' field"):
+        data.read_prompts_file(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="holds no prompts"):
+        data.read_prompts_file(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match="does not exist"):
+        data.read_prompts_file(tmp_path / "nope.jsonl")
+
+
+def test_largest_cluster_finds_the_repeated_image():
+    g = torch.Generator().manual_seed(0)
+    copy = torch.rand(1, 1, 8, 8, generator=g) * 2 - 1
+    others = torch.rand(5, 1, 8, 8, generator=g) * 2 - 1
+    images = torch.cat([others[:2], copy, copy + 0.01, others[2:], copy - 0.01])
+    assert data.largest_cluster(images, threshold=0.5) == [2, 3, 7]
+    assert len(data.largest_cluster(others, threshold=0.01)) == 1

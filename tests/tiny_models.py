@@ -72,3 +72,43 @@ def batches(kind: str, batch_size: int = 4, seed: int = 0):
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_tiny_sd_pipeline(folder, seed: int = 0) -> str:
+    """A tiny random StableDiffusionPipeline saved to `folder`: 16x16 RGB images, a VAE with scale factor 2
+    (8x8x4 latents), `tiny_condition_unet`, a one-layer CLIP text encoder and a word-level tokenizer."""
+    import json
+    import os
+
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = str(folder)
+    tokenizer_dir = os.path.join(folder, "_vocab")
+    os.makedirs(tokenizer_dir, exist_ok=True)
+    words = ["a</w>", "digit</w>", "seven</w>", "one</w>", "handwritten</w>", "photo</w>", "of</w>", "cat</w>"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{word: i + 2 for i, word in enumerate(words)}}
+    with open(os.path.join(tokenizer_dir, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(tokenizer_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+            num_hidden_layers=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), latent_channels=4,
+        norm_num_groups=8, sample_size=16, layers_per_block=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_condition_unet(seed),
+        scheduler=DDPMScheduler(num_train_timesteps=1000),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
