@@ -14,15 +14,11 @@ evaluation before -> loop -> save, evaluation after, report, card, upload.
 """
 
 import argparse
-import logging
 import os
-import shutil
 import time
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -54,6 +50,8 @@ from diffusers_unlearn.objectives import (
 )
 from diffusers_unlearn.pipelines.ddpm import ClassConditionalDDPMPipeline, sample_images
 from diffusers_unlearn.training import (
+    make_accelerator,
+    save_pipeline_into,
     add_method_arguments,
     check_method_arguments,
     print_summary,
@@ -199,19 +197,7 @@ def batch_of(images: unlearn_data.ImageSet, with_labels: bool) -> DenoisingBatch
 
 def main(args):
     started = time.time()
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        # accelerate starts no process group for several CPU processes unless told to use the CPU.
-        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = make_accelerator(args)
 
     # Models.
     unet = UNet2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
@@ -448,18 +434,9 @@ def validate(accelerator, args, unet, ema, sample, forget, threshold, step, clas
 
 
 def save_full_pipeline(model, scheduler, output_dir, is_conditional):
-    """The fully fine-tuned pipeline, saved with plain diffusers class names, then moved into place."""
-    tmp = os.path.join(output_dir, ".tmp-pipeline")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    """The fully fine-tuned pipeline, saved with plain diffusers class names."""
     pipeline_cls = ClassConditionalDDPMPipeline if is_conditional else DDPMPipeline
-    pipeline_cls(unet=as_plain_unet(model), scheduler=scheduler).save_pretrained(tmp)
-    for entry in os.listdir(tmp):
-        target = os.path.join(output_dir, entry)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(tmp, entry), target)
-    shutil.rmtree(tmp)
+    save_pipeline_into(pipeline_cls(unet=as_plain_unet(model), scheduler=scheduler), output_dir)
 
 
 if __name__ == "__main__":

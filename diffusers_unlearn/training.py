@@ -19,6 +19,7 @@ import os
 import shutil
 from typing import Any, Callable, Optional
 
+import torch
 from tqdm.auto import tqdm
 
 from .objectives import available_objectives, get_objective, hyperparameters_from_flags
@@ -69,6 +70,45 @@ def check_method_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         # n and k come from the data later; every other problem is the user's to fix now.
         if "n > k" not in str(error) and "needs n" not in str(error):
             parser.error(str(error))
+
+
+def make_accelerator(args: argparse.Namespace):
+    """The scripts' Accelerator (from --output_dir, --logging_dir, --gradient_accumulation_steps,
+    --mixed_precision, --report_to), with logging set up, the seed set and the output folder created."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    accelerator = Accelerator(
+        # accelerate starts no process group for several CPU processes unless told to use the CPU.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        # accelerate raises on log_with="none".
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def save_pipeline_into(pipeline, output_dir: str) -> None:
+    """`pipeline.save_pretrained` into a temporary folder inside `output_dir`, then each entry moved into place,
+    so no component is ever half-written."""
+    tmp = os.path.join(output_dir, ".tmp-pipeline")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    pipeline.save_pretrained(tmp)
+    for entry in os.listdir(tmp):
+        target = os.path.join(output_dir, entry)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, entry), target)
+    shutil.rmtree(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,6 +281,8 @@ def print_summary(report: dict[str, Any], keys: Optional[list[str]] = None) -> N
 
 __all__ = [
     "METHOD_FLAGS",
+    "make_accelerator",
+    "save_pipeline_into",
     "add_method_arguments",
     "check_method_arguments",
     "list_checkpoints",
