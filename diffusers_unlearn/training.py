@@ -264,6 +264,66 @@ def run_unlearning_loop(
     return history
 
 
+def train_adapter(
+    unet: torch.nn.Module,
+    schedule,
+    forget_pool: BatchPool,
+    keep_pool: Optional[BatchPool],
+    *,
+    method: str = "siss",
+    hyperparameters: Optional[dict[str, Any]] = None,
+    max_train_steps: int = 100,
+    train_batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    rank: int = 4,
+    lora_alpha: Optional[float] = None,
+    lora_targets: str = "attention",
+    adapter_name: str = "default",
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    output_dir: str = ".",
+) -> tuple[torch.nn.Module, Unlearner]:
+    """Attach a LoRA adapter to `unet` and train it with an unlearning objective: the scripts' loop, in process.
+
+    The pools hold what the scripts cache (images, or VAE latents with prompt embeddings). The objective gets
+    `n` and `k` from the pool sizes unless `hyperparameters` sets them. Returns the UNet (with its trained
+    adapter) and the unlearner. The pipelines' `unlearn(...)` calls this.
+
+    Example:
+        >>> unet, _ = train_adapter(unet, schedule, forget_pool, keep_pool, method="siss", max_train_steps=50)
+    """
+    from accelerate import Accelerator
+
+    from .lora import add_lora, make_optimizer, trainable_parameters
+    from .objectives import OBJECTIVES, Denoiser
+    from .objectives import _accepted
+
+    if max_train_steps < 1 or train_batch_size < 1:
+        raise ValueError("max_train_steps and train_batch_size must be >= 1.")
+    context = {"n": len(forget_pool) + (len(keep_pool) if keep_pool is not None else 0), "k": len(forget_pool)}
+    accepted = _accepted(OBJECTIVES[method]) if method in OBJECTIVES else []
+    objective = get_objective(method, **{**{k: v for k, v in context.items() if k in accepted}, **(hyperparameters or {})})
+    if objective.needs_keep and keep_pool is None:
+        raise ValueError(f"Method {method!r} needs a keep set.")
+    accelerator = Accelerator(cpu=not next(unet.parameters()).is_cuda)
+    unet = add_lora(unet, rank=rank, lora_alpha=lora_alpha, targets=lora_targets, adapter_name=adapter_name)
+    optimizer = make_optimizer(trainable_parameters(unet), learning_rate)
+    denoiser = Denoiser(unet, schedule)
+    device = next(unet.parameters()).device
+    first = forget_pool.sample(min(len(forget_pool), 64), step_generator(seed, -1), device)
+    objective.prepare(denoiser, first, generator=step_generator(seed, -1))
+    unlearner = Unlearner(objective, denoiser, optimizer, accelerator, None, max_grad_norm)
+    was_training = unet.training
+    unet.train()
+    run_unlearning_loop(
+        accelerator, unlearner, forget_pool, keep_pool, output_dir=output_dir, max_train_steps=max_train_steps,
+        train_batch_size=train_batch_size, seed=seed, desc=f"Unlearning ({method})",
+    )
+    unet.train(was_training)
+    unet.requires_grad_(False)
+    return unet, unlearner
+
+
 def print_summary(report: dict[str, Any], keys: Optional[list[str]] = None) -> None:
     """The before/after table both scripts print at the end."""
     before, after = report["metrics"]["before"], report["metrics"]["after"]
@@ -291,4 +351,5 @@ __all__ = [
     "resume_from_checkpoint",
     "run_unlearning_loop",
     "save_checkpoint",
+    "train_adapter",
 ]

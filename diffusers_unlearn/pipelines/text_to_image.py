@@ -64,3 +64,32 @@ def generate_images(
             images.append(output.float().cpu() * 2 - 1)
         results.append(torch.cat(images).clamp(-1, 1))
     return results
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's `model_max_length` (77 for CLIP), as Stable Diffusion encodes prompts."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Scaled VAE latents (the mode of the latent distribution, so caching is deterministic), float32 on CPU.
+
+    Computed once before training, so the VAE can leave the accelerator while the UNet trains.
+    """
+    latents = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size].to(vae.device, vae.dtype)
+        latents.append(vae.encode(chunk).latent_dist.mode().float().cpu() * vae.config.scaling_factor)
+    return torch.cat(latents)
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, input_ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The text encoder's last hidden states for token ids (Stable Diffusion's conditioning), float32 on CPU."""
+    hidden = []
+    for start in range(0, len(input_ids), batch_size):
+        hidden.append(text_encoder(input_ids[start : start + batch_size].to(text_encoder.device))[0].float().cpu())
+    return torch.cat(hidden)
