@@ -21,6 +21,7 @@ from .classes import class_count, class_rate, pul
 from .classifier import DEFAULT_MIN_CONFIDENCE, UNRECOGNIZED, classifier_features, classifier_logits, predict_labels
 from .likelihood import denoising_losses, kl_to_standard_normal, mia_auc, timestep_grid
 from .memorization import memorization_rate, nearest_distances, to_unit_interval
+from .noise_norm import noise_norm_along_trajectory, noise_norm_per_class, noise_norm_per_prompt
 from .quality import classifier_score, frechet_distance, frechet_distance_from_stats, gaussian_stats
 from .suite import evaluate_ddpm, pul_from_reports
 from .weights import weight_distance
@@ -42,6 +43,9 @@ __all__ = [
     "memorization_rate",
     "mia_auc",
     "nearest_distances",
+    "noise_norm_along_trajectory",
+    "noise_norm_per_class",
+    "noise_norm_per_prompt",
     "predict_labels",
     "pul",
     "pul_from_reports",

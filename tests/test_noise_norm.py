@@ -1,0 +1,77 @@
+"""The noise-norm memorization score (Wen et al.) on tiny models."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+from diffusers_unlearn.metrics import noise_norm_along_trajectory, noise_norm_per_class, noise_norm_per_prompt
+
+from tiny_models import save_tiny_sd_pipeline, tiny_unet
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder = save_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "model")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)
+    return pipe
+
+
+def test_matches_a_hand_computed_one_step_value(pipe):
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8)
+    cond, uncond = torch.randn(2, 77, 32), torch.randn(2, 77, 32)
+    score = noise_norm_along_trajectory(
+        pipe.unet, pipe.scheduler, latents, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}, 1
+    )
+    t = pipe.scheduler.timesteps[0]
+    with torch.no_grad():
+        expected = (pipe.unet(latents, t, encoder_hidden_states=cond).sample - pipe.unet(latents, t, encoder_hidden_states=uncond).sample).flatten(1).norm(dim=1)
+    assert torch.allclose(score, expected, atol=1e-5)
+
+
+def test_zero_when_the_unet_ignores_the_prompt(pipe):
+    scores = noise_norm_per_prompt(pipe, ["a digit seven"], num_generations=2, num_inference_steps=3)
+    assert scores[0] > 0
+    saved = {}
+    for name, module in pipe.unet.named_modules():  # cross-attention outputs zeroed: the prompt has no effect
+        if name.endswith("attn2.to_out.0"):
+            saved[name] = module.weight.detach().clone(), module.bias.detach().clone()
+            with torch.no_grad():
+                module.weight.zero_()
+                module.bias.zero_()
+    try:
+        assert noise_norm_per_prompt(pipe, ["a digit seven"], num_generations=2, num_inference_steps=3) == [0.0]
+    finally:
+        modules = dict(pipe.unet.named_modules())
+        with torch.no_grad():
+            for name, (weight, bias) in saved.items():
+                modules[name].weight.copy_(weight)
+                modules[name].bias.copy_(bias)
+
+
+def test_deterministic_paired_and_per_generation(pipe):
+    a = noise_norm_per_prompt(pipe, ["a digit seven", "a photo of a cat"], num_generations=3, num_inference_steps=2, seed=4)
+    b = noise_norm_per_prompt(pipe, ["a digit seven", "a photo of a cat"], num_generations=3, num_inference_steps=2, seed=4)
+    assert a == b and a[0] != a[1]
+    table = noise_norm_per_prompt(pipe, ["a digit seven"], num_generations=3, num_inference_steps=2, seed=4, return_per_generation=True)
+    assert table.shape == (1, 3) and abs(float(table.mean()) - a[0]) < 1e-6
+    with pytest.raises(ValueError, match="num_generations"):
+        noise_norm_per_prompt(pipe, ["x"], num_generations=0)
+
+
+def test_stronger_conditioning_scores_higher(pipe):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    uncond = torch.zeros(2, 77, 32)
+    cond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(2))
+    weak = noise_norm_along_trajectory(pipe.unet, pipe.scheduler, latents, {"encoder_hidden_states": 0.1 * cond}, {"encoder_hidden_states": uncond}, 3)
+    strong = noise_norm_along_trajectory(pipe.unet, pipe.scheduler, latents, {"encoder_hidden_states": 3.0 * cond}, {"encoder_hidden_states": uncond}, 3)
+    assert bool((strong > weak).all())
+
+
+def test_class_conditional_and_unconditional_unets():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    scores = noise_norm_per_class(tiny_unet(num_class_embeds=3), scheduler, [0, 1], num_generations=2, num_inference_steps=3, null_class_label=2)
+    assert len(scores) == 2 and all(s > 0 for s in scores)
+    with pytest.raises(ValueError, match="unconditional"):
+        noise_norm_per_class(tiny_unet(), scheduler, [0])

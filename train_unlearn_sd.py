@@ -1,0 +1,575 @@
+#!/usr/bin/env python
+"""Remove memorized training images from a Stable Diffusion model, as a LoRA adapter or a full fine-tune.
+
+Modeled on diffusers' examples/text_to_image/train_text_to_image_lora.py. With no arguments it
+mitigates the canary memorization of the bundled tiny text-to-image pipeline with SISS and LoRA,
+and prints a before/after summary:
+
+    python train_unlearn_sd.py
+    accelerate launch train_unlearn_sd.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --forget_data_dir forget/ --keep_from_generations 32 --method siss --rank 8 \\
+        --mixed_precision bf16 --use_8bit_adam --gradient_checkpointing
+
+The adapter loads into plain diffusers: `pipe.load_lora_weights(output_dir)`.
+
+Order: parse_args -> Accelerator -> models -> data (+ cached latents and text embeddings) ->
+evaluation before -> LoRA/full -> optimizer -> hooks -> loop -> save, evaluation after, report,
+card, upload.
+"""
+
+import argparse
+import importlib.util
+import os
+import time
+
+import torch
+from accelerate.logging import get_logger
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from diffusers_unlearn import data as unlearn_data
+from diffusers_unlearn.hub import atomic_write_json, push_folder, write_model_card
+from diffusers_unlearn.images import grid_array, make_grid, save_image_atomic
+from diffusers_unlearn.lora import (
+    add_lora,
+    add_text_encoder_lora,
+    make_optimizer,
+    prepare_full_finetune,
+    save_lora_weights,
+    trainable_parameters,
+)
+from diffusers_unlearn.metrics import denoising_losses, memorization_rate, mia_auc
+from diffusers_unlearn.noise import NoiseSchedule
+from diffusers_unlearn.objectives import DenoisingBatch, Denoiser, get_objective, hyperparameters_from_flags
+from diffusers_unlearn.pipelines.text_to_image import encode_latents, encode_prompts, generate_images, tokenize
+from diffusers_unlearn.training import (
+    make_accelerator,
+    save_pipeline_into,
+    add_method_arguments,
+    check_method_arguments,
+    print_summary,
+    register_checkpoint_hooks,
+    resume_from_checkpoint,
+    run_unlearning_loop,
+)
+from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
+
+logger = get_logger(__name__, log_level="INFO")
+
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Remove memorized images from a Stable Diffusion model.")
+    # Model and data (train_text_to_image_lora.py order).
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Hub id or local folder. Default: the bundled tiny text-to-image toy.")
+    parser.add_argument("--revision", type=str, default=None)
+    parser.add_argument("--variant", type=str, default=None)
+    parser.add_argument("--forget_data_dir", type=str, default=None, help="Image folder with metadata.jsonl (file_name, text).")
+    parser.add_argument("--forget_images", type=str, nargs="+", default=None, help="Image files to forget (with --forget_prompts).")
+    parser.add_argument("--forget_prompts", type=str, nargs="+", default=None, help="One prompt per --forget_images file.")
+    parser.add_argument("--memorized_prompts_file", type=str, default=None, help="JSON lines with a 'caption' field (or one prompt per line); the forget images are the model's own generations that cluster together.")
+    parser.add_argument("--num_forget_generations", type=int, default=16, help="Generations per memorized prompt searched for a cluster.")
+    parser.add_argument("--keep_data_dir", type=str, default=None, help="Image folder with metadata.jsonl (file_name, text) of images to keep.")
+    parser.add_argument("--keep_from_generations", type=int, default=None, help="Generate N images per forget prompt; those far from every forget image become the keep set.")
+    parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation counts as a forget copy. Default: --memorization_threshold.")
+    parser.add_argument("--heldout_data_dir", type=str, default=None, help="Image folder with prompts the model never saw: heldout_loss and membership-inference AUC.")
+    parser.add_argument("--output_dir", type=str, default="unlearn-sd-output")
+    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample_size times the VAE scale factor.")
+    parser.add_argument("--center_crop", action="store_true", help="Crop non-square images to their centre square before resizing (default: resize the whole image).")
+    parser.add_argument("--random_flip", action="store_true", help="Also train on horizontally flipped copies.")
+    # Optimization.
+    parser.add_argument("--train_batch_size", type=int, default=8)
+    parser.add_argument("--max_train_steps", type=int, default=100)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=None, help="Default: 1e-3 with LoRA, 1e-5 for full fine-tuning.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    # Memory and precision.
+    parser.add_argument("--use_8bit_adam", action="store_true")
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank.")
+    parser.add_argument("--lora_targets", type=str, default="attention", help="'attention', 'attention_conv' or module names.")
+    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction", "sample"], help="Default: the scheduler's.")
+    # Run control.
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or 'latest'.")
+    # Logging and Hub.
+    parser.add_argument("--validation_prompt", type=str, default=None, help="Default: the first forget prompt.")
+    parser.add_argument("--num_validation_images", type=int, default=16)
+    parser.add_argument("--validation_steps", type=int, default=50)
+    parser.add_argument("--report_to", type=str, default="none", help="'tensorboard', 'wandb', 'all' or 'none'.")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    # Unlearning.
+    add_method_arguments(parser)
+    parser.add_argument("--train_mode", type=str, default="lora", choices=["lora", "full"])
+    parser.add_argument("--train_text_encoder", action="store_true", help="LoRA on the text encoder too (--train_mode lora only).")
+    # Evaluation.
+    parser.add_argument("--num_eval_images", type=int, default=64, help="Generations per forget prompt for the memorization rate, before and after (same seeds).")
+    parser.add_argument("--num_inference_steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--eval_batch_size", type=int, default=64)
+    parser.add_argument("--memorization_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation copies a forget image. Default: the toy's threshold, else an RMS pixel difference of 0.1.")
+    parser.add_argument("--num_other_prompt_images", type=int, default=32, help="Toy only: generations per other digit prompt for the digit accuracy.")
+    parser.add_argument("--noise_norm_generations", type=int, default=4, help="Generations per prompt for the noise-norm score (0 disables it).")
+    args = parser.parse_args(argv)
+
+    # Cheap checks first: nothing has been loaded yet.
+    check_method_arguments(parser, args)
+    given = [name for name in ("forget_data_dir", "forget_images", "memorized_prompts_file") if getattr(args, name)]
+    if len(given) > 1:
+        parser.error(f"Give one forget set, not {' and '.join('--' + g for g in given)}.")
+    if args.forget_prompts and not args.forget_images:
+        parser.error("--forget_prompts needs --forget_images (one image per prompt).")
+    if args.keep_data_dir and args.keep_from_generations:
+        parser.error("Give --keep_data_dir or --keep_from_generations, not both.")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        parser.error("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU.")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error('--use_8bit_adam needs bitsandbytes: pip install "bitsandbytes>=0.50" (or pip install "diffusers-unlearn[bnb]").')
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        parser.error("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (SDPA, the default, needs nothing).")
+    if args.train_text_encoder and args.train_mode != "lora":
+        parser.error("--train_text_encoder works with --train_mode lora only.")
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "num_eval_images", "validation_steps", "checkpointing_steps", "num_forget_generations"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1.")
+    if args.keep_from_generations is not None and args.keep_from_generations < 1:
+        parser.error("--keep_from_generations must be >= 1.")
+
+    args.using_toy = args.pretrained_model_name_or_path is None
+    if args.using_toy:
+        from diffusers_unlearn.toy import toy_model_path
+
+        args.pretrained_model_name_or_path = toy_model_path("sd_tiny")
+        if not given and args.keep_data_dir is None and args.keep_from_generations is None:
+            args.keep_from_generations = 64
+    elif not given:
+        parser.error("Give the images to forget: --forget_data_dir, --forget_images with --forget_prompts, or --memorized_prompts_file.")
+    if args.learning_rate is None:
+        args.learning_rate = 1e-3 if args.train_mode == "lora" else 1e-5
+    check_model_folder(parser, args.pretrained_model_name_or_path)
+    return args
+
+
+def check_model_folder(parser, path):
+    """A local model folder must hold every Stable Diffusion component (a hub id is checked when it loads)."""
+    if not os.path.isdir(path):
+        return
+    missing = [name for name in REQUIRED_COMPONENTS if not os.path.isdir(os.path.join(path, name))]
+    if missing:
+        parser.error(f"{path} is not a Stable Diffusion folder: it has no {', '.join(missing)} subfolder(s). Point --pretrained_model_name_or_path at a folder saved with StableDiffusionPipeline.save_pretrained.")
+
+
+def load_forget_and_keep(args, pipe, resolution, threshold):
+    """Forget and keep sets as images with prompts, validated before any training."""
+    channels = pipe.vae.config.in_channels
+    keep = None
+    if args.forget_data_dir:
+        forget = unlearn_data.load_image_folder(args.forget_data_dir, resolution, channels, "forget", require_text=True, center_crop=args.center_crop)
+    elif args.forget_images:
+        forget = unlearn_data.load_prompted_images(args.forget_images, args.forget_prompts or [], resolution, channels, "forget", center_crop=args.center_crop)
+    elif args.memorized_prompts_file:
+        forget, keep = forget_from_generations(args, pipe, unlearn_data.read_prompts_file(args.memorized_prompts_file), threshold)
+    else:  # the toy: its canary, under the prompt it shares with one digit class
+        from diffusers_unlearn.toy.text_to_image import canary_forget_set
+
+        forget = canary_forget_set(resolution)
+    forget = unlearn_data.deduplicate(forget, "forget")
+
+    if args.keep_data_dir:
+        keep = unlearn_data.load_image_folder(args.keep_data_dir, resolution, channels, "keep", require_text=True, center_crop=args.center_crop)
+    elif args.keep_from_generations:
+        prompts = sorted(set(forget.texts))
+        generations = generate_images(pipe, prompts, args.keep_from_generations, seed=args.seed + 1, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size)
+        kept, texts = [], []
+        for prompt, images in zip(prompts, generations):
+            own = forget.images[[i for i, text in enumerate(forget.texts) if text == prompt]]
+            far, near = unlearn_data.filter_far_from(images, own, args.keep_generation_threshold or threshold)
+            logger.info(f"--keep_from_generations, {prompt!r}: {len(far)} generation(s) kept, {len(near)} rejected as forget copies.")
+            kept.append(far)
+            texts += [prompt] * len(far)
+        if not texts:
+            raise unlearn_data.DataError("The keep set is empty after filtering: every generation is a forget copy. Raise --keep_from_generations or lower --keep_generation_threshold.")
+        images = torch.cat(kept)
+        keep = unlearn_data.ImageSet(images, [unlearn_data.pixel_hash(x) for x in images], [f"generation/{i}" for i in range(len(images))], None, texts)
+    if keep is not None:
+        keep = unlearn_data.remove_overlap(keep, forget)
+    else:
+        raise unlearn_data.DataError("No keep set: give --keep_data_dir or --keep_from_generations N.")
+
+    heldout = None
+    if args.heldout_data_dir:
+        heldout = unlearn_data.load_image_folder(args.heldout_data_dir, resolution, channels, "heldout", require_text=True, center_crop=args.center_crop)
+    elif args.using_toy:
+        from diffusers_unlearn.toy.text_to_image import heldout_set
+
+        heldout = heldout_set(resolution)
+    return forget, keep, heldout
+
+
+def forget_from_generations(args, pipe, prompts, threshold):
+    """SISS's recipe for memorized prompts without images: per prompt, the generations that collapse onto one
+    image are the forget set and the others the keep set (both under that prompt)."""
+    generations = generate_images(pipe, prompts, args.num_forget_generations, seed=args.seed + 2, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size)
+    forget_images, forget_texts, keep_images, keep_texts = [], [], [], []
+    for prompt, images in zip(prompts, generations):
+        members = unlearn_data.largest_cluster(images, threshold)
+        if len(members) < 2:
+            logger.warning(f"{prompt!r}: no two of {len(images)} generations are within {threshold:.3f}; it does not look memorized and is skipped.")
+            continue
+        others = [i for i in range(len(images)) if i not in members]
+        logger.info(f"{prompt!r}: {len(members)} of {len(images)} generations form the memorized cluster.")
+        forget_images.append(images[members])
+        forget_texts += [prompt] * len(members)
+        keep_images.append(images[others])
+        keep_texts += [prompt] * len(others)
+    if not forget_texts:
+        raise unlearn_data.DataError(f"No prompt of {args.memorized_prompts_file} produced a cluster of near-identical generations; nothing to forget. Raise --num_forget_generations or --memorization_threshold.")
+    forget = torch.cat(forget_images)
+    forget_set = unlearn_data.ImageSet(forget, [unlearn_data.pixel_hash(x) for x in forget], [f"generation/{i}" for i in range(len(forget))], None, forget_texts)
+    keep_set = None
+    if keep_texts:
+        keep = torch.cat(keep_images)
+        keep_set = unlearn_data.ImageSet(keep, [unlearn_data.pixel_hash(x) for x in keep], [f"generation/{i}" for i in range(len(keep))], None, keep_texts)
+    return forget_set, keep_set
+
+
+def main(args):
+    started = time.time()
+    accelerator = make_accelerator(args)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # Models: the same components train_text_to_image_lora.py loads.
+    path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+    vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=revision, cache_dir=args.cache_dir)
+    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=revision, cache_dir=args.cache_dir)
+    resolution = args.resolution or unet_config["sample_size"] * vae_scale_factor
+    if resolution % vae_scale_factor != 0:
+        raise ValueError(f"--resolution {resolution} is not divisible by the VAE's scale factor {vae_scale_factor}; use a multiple of {vae_scale_factor} (for example {resolution // vae_scale_factor * vae_scale_factor or vae_scale_factor}).")
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision, cache_dir=args.cache_dir)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision, cache_dir=args.cache_dir)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant, cache_dir=args.cache_dir)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant, cache_dir=args.cache_dir)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant, cache_dir=args.cache_dir)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.requires_grad_(False)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())  # SDPA
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    device = accelerator.device
+    vae.to(device, weight_dtype)
+    text_encoder.to(device, weight_dtype)
+    unet.to(device)
+    schedule = NoiseSchedule.from_scheduler(noise_scheduler, args.prediction_type)
+    sampling_scheduler = DDIMScheduler.from_config(noise_scheduler.config, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampling_scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    threshold = args.memorization_threshold
+    if threshold is None:
+        if args.using_toy:
+            from diffusers_unlearn.toy.text_to_image import SD_MEMORIZATION_THRESHOLD
+
+            threshold = SD_MEMORIZATION_THRESHOLD
+        else:
+            threshold = 0.1 * (vae_config["in_channels"] * resolution * resolution) ** 0.5
+
+    # Data, validated before any training; then latents and prompt embeddings, computed once.
+    forget, keep, heldout = load_forget_and_keep(args, pipe, resolution, threshold)
+    for image_set in (forget, keep, heldout):
+        if image_set is not None:
+            unlearn_data.log_notices(image_set, logger.info)
+    forget_prompts = list(dict.fromkeys(forget.texts))
+    validation_prompt = args.validation_prompt or forget_prompts[0]
+
+    def cache(image_set):
+        images = image_set.images
+        texts = list(image_set.texts)
+        if args.random_flip:  # both orientations in the pool = a flip with probability 1/2
+            images, texts = torch.cat([images, images.flip(-1)]), texts + texts
+        input_ids = tokenize(tokenizer, texts)
+        return encode_latents(vae, images), input_ids, encode_prompts(text_encoder, input_ids)
+
+    forget_latents, forget_ids, forget_hidden = cache(forget)
+    keep_latents, keep_ids, keep_hidden = cache(keep)
+    heldout_cache = cache(heldout) if heldout is not None else None
+    logger.info(f"Forget set: {len(forget)} image(s), {len(forget_prompts)} prompt(s); keep set: {len(keep)} image(s).")
+
+    n = len(forget) + len(keep)
+    objective = get_objective(args.method, **hyperparameters_from_flags(args.method, args.method_flags, {"n": n, "k": len(forget)}))
+    if objective.needs_keep and len(keep) == 0:
+        raise ValueError(f"--method {args.method} needs a keep set.")
+
+    # Evaluation (main process), before training; the same seeds after training.
+    toy_prompts = []
+    classifier = None
+    if args.using_toy:
+        from diffusers_unlearn.toy import load_classifier
+        from diffusers_unlearn.toy.text_to_image import DIGIT_PROMPTS
+
+        toy_prompts = [p for p in DIGIT_PROMPTS if p not in forget_prompts]
+        classifier = load_classifier()
+
+    def evaluate(model):
+        model = accelerator.unwrap_model(model)
+        was_training = model.training
+        model.eval()
+        pipe.unet = model
+        report, per_prompt = {}, {}
+        generations = generate_images(pipe, forget_prompts, args.num_eval_images, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size)
+        rates = []
+        for prompt, images in zip(forget_prompts, generations):
+            own = forget.images[[i for i, text in enumerate(forget.texts) if text == prompt]]
+            rate = memorization_rate(images, own, threshold)
+            rates.append(rate)
+            per_prompt[prompt] = {"memorization_rate": rate}
+        report["memorization_rate"] = sum(rates) / len(rates)
+        report["memorization_threshold"] = threshold
+        report["num_eval_images_per_prompt"] = args.num_eval_images
+        if args.noise_norm_generations:
+            from diffusers_unlearn.metrics import noise_norm_per_prompt
+
+            scores = noise_norm_per_prompt(pipe, forget_prompts + toy_prompts, args.noise_norm_generations, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+            for prompt, score in zip(forget_prompts + toy_prompts, scores):
+                per_prompt.setdefault(prompt, {})["noise_norm"] = score
+            report["noise_norm"] = sum(scores[: len(forget_prompts)]) / len(forget_prompts)
+            if toy_prompts:
+                report["other_prompts_noise_norm"] = sum(scores[len(forget_prompts):]) / len(toy_prompts)
+        if classifier is not None:
+            report.update(toy_quality(pipe, classifier, toy_prompts, forget_prompts, generations, forget.images, threshold, per_prompt, args))
+        denoiser = Denoiser(model, schedule)
+        sets = {"forget": (forget_latents, forget_hidden), "keep": (keep_latents, keep_hidden)}
+        if heldout_cache is not None:
+            sets["heldout"] = (heldout_cache[0], heldout_cache[2])
+        losses = {}
+        with accelerator.autocast():
+            for name, (latents, hidden) in sets.items():
+                batch = DenoisingBatch(latents[:256].to(device), None, hidden[:256].to(device))
+                losses[name] = denoising_losses(denoiser, batch, seed=args.seed)
+        for name, values in losses.items():
+            report[f"{name}_loss"] = float(values.mean())
+        report["mia_auc"] = mia_auc(losses["forget"], losses["heldout"]) if "heldout" in losses else None
+        report["samples"] = generations[0][: args.num_validation_images]
+        model.train(was_training)
+        return report, per_prompt
+
+    before, per_prompt_before = (None, None)
+    if accelerator.is_main_process:
+        before, per_prompt_before = evaluate(unet)
+        logger.info(f"Before unlearning: { {k: v for k, v in before.items() if not torch.is_tensor(v)} }")
+
+    # The VAE and the text encoder are not needed again until evaluation: off the accelerator.
+    vae.to("cpu")
+    if not args.train_text_encoder:
+        text_encoder.to("cpu")
+
+    # LoRA or full fine-tuning.
+    if args.train_mode == "lora":
+        unet = add_lora(unet, rank=args.rank, lora_alpha=args.lora_alpha, targets=args.lora_targets)
+        if args.train_text_encoder:
+            text_encoder = add_text_encoder_lora(text_encoder, rank=args.rank, lora_alpha=args.lora_alpha)
+            text_encoder.to(device, torch.float32)
+    else:
+        unet = prepare_full_finetune(unet)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    params = trainable_parameters(unet) + (trainable_parameters(text_encoder) if args.train_text_encoder else [])
+
+    optimizer = make_optimizer(
+        params, args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+
+    denoiser = Denoiser(unet, schedule)
+    objective.prepare(denoiser, DenoisingBatch(forget_latents.to(device), None, forget_hidden.to(device)), generator=step_generator(args.seed, -1))
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    denoiser.model = unet
+    unlearner = Unlearner(objective, denoiser, optimizer, accelerator, lr_scheduler, args.max_grad_norm)
+    register_checkpoint_hooks(accelerator, unlearner)
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("unlearn-sd", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    if args.train_text_encoder:  # embeddings change during training: encode the token ids every step
+        def encode(ids):
+            return text_encoder(ids)[0]
+
+        forget_pool = BatchPool(forget_latents, input_ids=forget_ids, encode=encode)
+        keep_pool = BatchPool(keep_latents, input_ids=keep_ids, encode=encode)
+    else:
+        forget_pool = BatchPool(forget_latents, encoder_hidden_states=forget_hidden)
+        keep_pool = BatchPool(keep_latents, encoder_hidden_states=keep_hidden)
+
+    start_step = resume_from_checkpoint(accelerator, unlearner, args.output_dir, args.resume_from_checkpoint)
+
+    def validate(step):
+        """Generations for the validation prompt and their memorization rate, every --validation_steps."""
+        model = accelerator.unwrap_model(unet)
+        model.eval()
+        pipe.unet = model
+        vae.to(device)
+        text_encoder.to(device)
+        images = generate_images(pipe, [validation_prompt], args.num_validation_images, seed=args.seed + 3, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size)[0]
+        vae.to("cpu")
+        if not args.train_text_encoder:
+            text_encoder.to("cpu")
+        model.train()
+        logs = {}
+        if validation_prompt in forget_prompts:
+            own = forget.images[[i for i, text in enumerate(forget.texts) if text == validation_prompt]]
+            logs["validation/memorization_rate"] = memorization_rate(images, own, threshold)
+        accelerator.log(logs, step=step)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", grid_array(make_grid(images, scale=max(1, 64 // resolution))), step, dataformats="HWC")
+        logger.info(f"step {step}: {logs}")
+        return {"step": step, **{key.split("/", 1)[1]: value for key, value in logs.items()}}
+
+    validation_history = run_unlearning_loop(
+        accelerator, unlearner, forget_pool, keep_pool,
+        output_dir=args.output_dir, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
+        seed=args.seed, start_step=start_step, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
+        validation_steps=args.validation_steps, validate=validate,
+    )
+
+    # Save, evaluate after, report, card, upload (main process only).
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        vae.to(device)
+        text_encoder_model = accelerator.unwrap_model(text_encoder)
+        text_encoder_model.to(device)
+        pipe.text_encoder = text_encoder_model
+        after, per_prompt_after = evaluate(model)
+        metadata = {"method": args.method, "base_model": str(args.pretrained_model_name_or_path)}
+        if args.train_mode == "lora":
+            save_lora_weights(model, args.output_dir, metadata=metadata, text_encoder=text_encoder_model if args.train_text_encoder else None)
+        else:
+            save_full_pipeline(pipe, model, noise_scheduler, args.output_dir)
+
+        images = {}
+        scale = max(1, 64 // resolution)
+        for label, metrics in (("before", before), ("after", after)):
+            save_image_atomic(make_grid(metrics.pop("samples"), scale=scale), os.path.join(args.output_dir, f"samples_{label}.png"))
+            images[f"{forget_prompts[0]!r} {label} unlearning (same seeds)"] = f"samples_{label}.png"
+        wall = time.time() - started
+        before["wall_seconds"] = None
+        after["wall_seconds"] = wall
+        per_prompt = {
+            prompt: {key: {"before": per_prompt_before.get(prompt, {}).get(key), "after": values.get(key)} for key in values}
+            for prompt, values in per_prompt_after.items()
+        }
+        report = {
+            "method": args.method,
+            "hyperparameters": {**objective.hyperparameters(), **{f"combiner_{k}": v for k, v in unlearner.state_dict().get("combiner", {}).items() if k == "scaling_norm"}},
+            "train_mode": args.train_mode,
+            "train_text_encoder": args.train_text_encoder,
+            "base_model": str(args.pretrained_model_name_or_path),
+            "forget_items": [{"sha256": h, "source": name, "prompt": text} for h, name, text in zip(forget.hashes, forget.names, forget.texts)],
+            "forget_prompts": forget_prompts,
+            "num_keep_items": len(keep),
+            "seed": args.seed,
+            "max_train_steps": args.max_train_steps,
+            "train_batch_size": args.train_batch_size,
+            "learning_rate": args.learning_rate,
+            "resolution": resolution,
+            "memorization_threshold": threshold,
+            "num_processes": accelerator.num_processes,
+            "wall_seconds": wall,
+            "metrics": {"before": before, "after": after},
+            "per_prompt": per_prompt,
+            "validation": validation_history,
+        }
+        atomic_write_json(os.path.join(args.output_dir, "unlearning_report.json"), report)
+        write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), args.hub_model_id, images, is_adapter=args.train_mode == "lora", text_to_image=True)
+        print_summary(report)
+        print_prompt_table(per_prompt)
+        if args.push_to_hub:
+            repo = push_folder(args.output_dir, args.hub_model_id, args.hub_token, f"Unlearn with {args.method}")
+            logger.info(f"Uploaded to {repo}.")
+    accelerator.end_training()
+
+
+def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generations, forget_images, threshold, per_prompt, args):
+    """The tiny toy only: digit accuracy (the bundled classifier) of every prompt's generations; for the forget
+    prompt, canary copies are left out so the accuracy measures the normal images."""
+    from diffusers_unlearn.metrics import nearest_distances
+    from diffusers_unlearn.toy.text_to_image import DIGIT_PROMPTS, digit_accuracy
+
+    report = {}
+    generations = generate_images(pipe, toy_prompts, args.num_other_prompt_images, seed=args.seed + 5, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size) if toy_prompts else []
+    accuracies = []
+    for prompt, images in zip(toy_prompts, generations):
+        accuracy = digit_accuracy(classifier, images, DIGIT_PROMPTS.index(prompt))
+        per_prompt.setdefault(prompt, {})["digit_accuracy"] = accuracy
+        accuracies.append(accuracy)
+    for prompt, images in zip(forget_prompts, forget_generations):
+        if prompt in DIGIT_PROMPTS:
+            normal = images[nearest_distances(images, forget_images) >= threshold]
+            per_prompt[prompt]["digit_accuracy"] = digit_accuracy(classifier, normal, DIGIT_PROMPTS.index(prompt)) if len(normal) else None
+    if accuracies:
+        report["other_prompts_digit_accuracy"] = sum(accuracies) / len(accuracies)
+    return report
+
+
+def save_full_pipeline(pipe, unet, noise_scheduler, output_dir):
+    """The fine-tuned pipeline, saved with plain diffusers class names."""
+    pipeline = StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet, scheduler=noise_scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    save_pipeline_into(pipeline, output_dir)
+
+
+def print_prompt_table(per_prompt):
+    metrics = sorted({m for row in per_prompt.values() for m in row})
+    print(f"\n{'prompt':34s} " + " ".join(f"{m + ' before':>24s} {m + ' after':>24s}" for m in metrics))
+    for prompt, row in per_prompt.items():
+        cells = []
+        for metric in metrics:
+            for side in ("before", "after"):
+                value = row.get(metric, {}).get(side)
+                cells.append(f"{'-' if value is None else f'{value:.4f}':>24s}")
+        print(f"{prompt[:34]:34s} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main(parse_args())
