@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
+
+import torch
 
 from ..lora import DEFAULT_WEIGHT_NAME, as_plain_unet, load_lora_weights, read_lora_metadata
 
@@ -29,7 +31,8 @@ def _resolve_adapter_file(path_or_repo: str, weight_name: str, token: Optional[s
 
 
 class UnlearningMixin:
-    """Adds `load_unlearning_adapter` and `set_unlearning_strength` to a pipeline with a `unet`.
+    """Adds `load_unlearning_adapter`, `set_unlearning_strength`, `memorization_score` and `unlearn` to a
+    pipeline with a `unet` (a DDPM pipeline, or a text-to-image pipeline with `text_encoder` and `tokenizer`).
 
     Subclasses set `_saved_class_name` to the plain diffusers pipeline they extend.
     """
@@ -82,7 +85,11 @@ class UnlearningMixin:
         adapter_name = adapter_name or str(metadata.get("method", "unlearning"))
         if adapter_name in (getattr(self.unet, "peft_config", None) or {}):
             raise ValueError(f"The pipeline already has an adapter named {adapter_name!r}; pass another adapter_name.")
-        self.unet = load_lora_weights(self.unet, path, adapter_name=adapter_name)
+        if self._is_text_to_image:
+            # diffusers' own loader: it also restores a text-encoder adapter stored in the same file.
+            self.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=adapter_name)
+        else:
+            self.unet = load_lora_weights(self.unet, path, adapter_name=adapter_name)
         self.unet.requires_grad_(False)
         self.unet.eval()
         self.set_unlearning_strength(strength, adapter_name)
@@ -103,4 +110,143 @@ class UnlearningMixin:
             adapter_name = adapters[0]
         if adapter_name not in adapters:
             raise ValueError(f"No adapter named {adapter_name!r}; loaded: {adapters}.")
-        self.unet.set_adapters([adapter_name], weights=[float(strength)])
+        if self._is_text_to_image:
+            self.set_adapters([adapter_name], adapter_weights=[float(strength)])  # UNet and text encoder alike
+        else:
+            self.unet.set_adapters([adapter_name], weights=[float(strength)])
+
+    @property
+    def _is_text_to_image(self) -> bool:
+        return getattr(self, "text_encoder", None) is not None and getattr(self, "tokenizer", None) is not None
+
+    def memorization_score(
+        self,
+        prompts: Sequence,
+        num_generations: int = 4,
+        num_inference_steps: int = 25,
+        guidance_scale: Optional[float] = None,
+        seed: int = 0,
+    ) -> list[float]:
+        """The noise-norm memorization score (Wen et al.) of each prompt: high for prompts whose generations
+        collapse onto a training image. For a class-conditional DDPM the "prompts" are class labels; an
+        unconditional DDPM has nothing to score and raises ValueError.
+
+        Example:
+            >>> pipe.memorization_score(["a handwritten digit seven", "a handwritten digit one"])  # doctest: +SKIP
+            [2.41, 0.63]
+        """
+        from ..metrics.noise_norm import noise_norm_per_class, noise_norm_per_prompt
+
+        if self._is_text_to_image:
+            return noise_norm_per_prompt(
+                self, list(prompts), num_generations, seed, num_inference_steps, 7.5 if guidance_scale is None else guidance_scale
+            )
+        return noise_norm_per_class(
+            self.unet, self.scheduler, list(prompts), num_generations, seed, num_inference_steps,
+            3.0 if guidance_scale is None else guidance_scale,
+        )
+
+    def unlearn(
+        self,
+        forget,
+        keep=None,
+        method: str = "siss",
+        max_train_steps: int = 100,
+        learning_rate: float = 1e-3,
+        rank: int = 4,
+        lora_targets: Optional[str] = None,
+        train_batch_size: int = 8,
+        adapter_name: Optional[str] = None,
+        keep_from_generations: int = 16,
+        memorization_threshold: Optional[float] = None,
+        seed: int = 0,
+        **hyperparameters,
+    ) -> str:
+        """Train an unlearning adapter in process and attach it (strength 1); returns the adapter name.
+
+        Runs `diffusers_unlearn.training.train_adapter`, the loop of the training scripts. For a text-to-image
+        pipeline `forget` (and `keep`) are `(image, prompt)` pairs, images as PIL or [-1, 1] tensors (C, H, W);
+        without `keep`, `keep_from_generations` images per forget prompt are generated and those farther than
+        `memorization_threshold` (pixel L2 in [0, 1] units; default an RMS difference of 0.1) from every forget
+        image form the keep set. For a DDPM pipeline `forget` and `keep` are image tensors (N, C, H, W) in [-1, 1].
+        `hyperparameters` go to the method (for example `scaling_norm=0.5` for SISS).
+
+        Example:
+            >>> pipe = UnlearnStableDiffusionPipeline.from_pretrained(toy_model_path("sd_tiny"))
+            >>> pipe.unlearn(forget=[(canary_image, "a handwritten digit seven")], max_train_steps=100)
+            'siss'
+            >>> pipe.save_lora_weights("forget-canary", unet_lora_layers=...)  # or keep using pipe
+        """
+        from ..data import filter_far_from
+        from ..noise import NoiseSchedule
+        from ..training import train_adapter
+        from ..unlearner import BatchPool
+
+        adapter_name = adapter_name or method
+        if adapter_name in self.unlearning_adapters:
+            raise ValueError(f"The pipeline already has an adapter named {adapter_name!r}; pass another adapter_name.")
+        schedule = NoiseSchedule.from_scheduler(self.scheduler)
+        if self._is_text_to_image:
+            from .text_to_image import encode_latents, encode_prompts, generate_images, tokenize
+
+            resolution = self.unet.config.sample_size * self.vae_scale_factor
+            channels = self.vae.config.in_channels
+            forget_images, forget_prompts = _pairs(forget, resolution, channels, "forget")
+            if keep is None:
+                threshold = memorization_threshold or 0.1 * (channels * resolution * resolution) ** 0.5
+                kept, kept_prompts = [], []
+                prompts = list(dict.fromkeys(forget_prompts))
+                generations = generate_images(self, prompts, keep_from_generations, seed=seed + 1)
+                for prompt, images in zip(prompts, generations):
+                    own = forget_images[[i for i, p in enumerate(forget_prompts) if p == prompt]]
+                    far, _ = filter_far_from(images, own, threshold)
+                    kept.append(far)
+                    kept_prompts += [prompt] * len(far)
+                if not kept_prompts:
+                    raise ValueError("Every generation is close to a forget image: the keep set is empty. Pass keep= or raise keep_from_generations.")
+                keep_images = torch.cat(kept)
+            else:
+                keep_images, kept_prompts = _pairs(keep, resolution, channels, "keep")
+
+            def pool(images, prompts):
+                latents = encode_latents(self.vae, images)
+                hidden = encode_prompts(self.text_encoder, tokenize(self.tokenizer, prompts))
+                return BatchPool(latents.to(self.unet.device), encoder_hidden_states=hidden.to(self.unet.device))
+
+            forget_pool, keep_pool = pool(forget_images, forget_prompts), pool(keep_images, kept_prompts)
+            targets = lora_targets or "attention"
+        else:
+            forget_pool = BatchPool(torch.as_tensor(forget).float().to(self.unet.device))
+            keep_pool = None if keep is None else BatchPool(torch.as_tensor(keep).float().to(self.unet.device))
+            targets = lora_targets or "attention_conv"
+        self.unet, _ = train_adapter(
+            self.unet, schedule, forget_pool, keep_pool, method=method, hyperparameters=hyperparameters,
+            max_train_steps=max_train_steps, train_batch_size=train_batch_size, learning_rate=learning_rate,
+            rank=rank, lora_targets=targets, adapter_name=adapter_name, seed=seed,
+        )
+        self.unet.eval()
+        self.set_unlearning_strength(1.0, adapter_name)
+        return adapter_name
+
+
+def _pairs(items, resolution: int, channels: int, what: str) -> tuple[torch.Tensor, list[str]]:
+    """(image, prompt) pairs -> images (N, C, H, W) in [-1, 1] at the pipeline's resolution, and prompts."""
+    from PIL import Image
+
+    from ..data import _to_tensor
+
+    images, prompts = [], []
+    for index, pair in enumerate(items):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], str) and pair[1].strip()):
+            raise ValueError(f"{what}[{index}] must be an (image, prompt) pair with a non-empty prompt.")
+        image, prompt = pair
+        if isinstance(image, Image.Image):
+            image = _to_tensor(image, resolution, channels, f"{what}[{index}]", [])
+        image = torch.as_tensor(image).float()
+        if image.shape != (channels, resolution, resolution):
+            raise ValueError(f"{what}[{index}] has shape {tuple(image.shape)}; expected {(channels, resolution, resolution)}.")
+        images.append(image)
+        prompts.append(prompt.strip())
+    if not images:
+        raise ValueError(f"{what} is empty.")
+    return torch.stack(images), prompts
