@@ -1,0 +1,96 @@
+"""Rank prompts by how memorized they look, to find what to unlearn first.
+
+    python -m diffusers_unlearn.scan --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --prompts_file sdv1_500_memorized.jsonl --output_file ranked.jsonl --top_k 20
+
+Each prompt gets the noise-norm score of Wen et al. (ICLR 2024): the mean, over the sampling steps of a few seeded
+generations, of ||eps(x_t, prompt) - eps(x_t, "")||. Memorized prompts score high. The output is JSON lines sorted
+by score, `{"caption": ..., "noise_norm": ..., "rank": ...}`, which `train_unlearn_sd.py --memorized_prompts_file`
+reads directly. The prompts file is JSON lines with a `caption` field or plain text, one prompt per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from typing import Optional
+
+import torch
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Hub id or local folder. Default: the bundled tiny text-to-image toy.")
+    parser.add_argument("--revision", type=str, default=None)
+    parser.add_argument("--variant", type=str, default=None)
+    parser.add_argument("--prompts_file", type=str, required=True, help="JSON lines with a 'caption' field, or one prompt per line.")
+    parser.add_argument("--output_file", type=str, default="memorization_scan.jsonl")
+    parser.add_argument("--top_k", type=int, default=None, help="Write only the K highest-scoring prompts.")
+    parser.add_argument("--num_generations", type=int, default=4, help="Seeded generations per prompt.")
+    parser.add_argument("--num_inference_steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", type=str, default="float32", choices=["float32", "float16", "bfloat16"])
+    return parser.parse_args(argv)
+
+
+def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .data import read_prompts_file
+    from .metrics.noise_norm import noise_norm_per_prompt
+
+    args = parse_args(argv)
+    # Cheap checks before the model loads.
+    prompts = read_prompts_file(args.prompts_file)
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top_k must be >= 1, got {args.top_k}.")
+    if args.num_generations < 1:
+        raise ValueError(f"--num_generations must be >= 1, got {args.num_generations}.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU; use --device cpu.")
+    path = args.pretrained_model_name_or_path
+    if path is None:
+        from .toy import toy_model_path
+
+        path = toy_model_path("sd_tiny")
+    dtype = getattr(torch, args.dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path, revision=args.revision, variant=args.variant, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    ).to(args.device)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    scores = noise_norm_per_prompt(pipe, prompts, args.num_generations, args.seed, args.num_inference_steps, args.guidance_scale)
+    order = sorted(range(len(prompts)), key=lambda i: -scores[i])
+    rows = [{"caption": prompts[i], "noise_norm": scores[i], "rank": rank + 1} for rank, i in enumerate(order)]
+    if args.top_k is not None:
+        rows = rows[: args.top_k]
+    write_jsonl_atomic(args.output_file, rows)
+    print(f"{'rank':>4s} {'noise norm':>11s}  prompt")
+    for row in rows:
+        print(f"{row['rank']:4d} {row['noise_norm']:11.4f}  {row['caption'][:100]}")
+    print(f"Wrote {len(rows)} prompt(s) to {args.output_file}.")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
