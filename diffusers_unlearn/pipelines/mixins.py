@@ -175,7 +175,8 @@ class UnlearningMixin:
             >>> pipe = UnlearnStableDiffusionPipeline.from_pretrained(toy_model_path("sd_tiny"))
             >>> pipe.unlearn(forget=[(canary_image, "a handwritten digit seven")], max_train_steps=100)
             'siss'
-            >>> pipe.save_lora_weights("forget-canary", unet_lora_layers=...)  # or keep using pipe
+            >>> from diffusers_unlearn.lora import save_lora_weights
+            >>> save_lora_weights(pipe.unet, "forget-canary", adapter_name="siss")  # a file plain diffusers loads
         """
         from ..data import filter_far_from
         from ..noise import NoiseSchedule
