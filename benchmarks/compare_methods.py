@@ -77,6 +77,19 @@ def first_zero_step(report: dict, key: str):
     return None
 
 
+def stays_zero_step(report: dict, key: str):
+    """The first validation step from which `key` stayed 0 through the end, after-evaluation included (None if
+    it was not 0 at the end)."""
+    if report["metrics"]["after"].get(key) != 0:
+        return None
+    step = report["max_train_steps"]
+    for row in reversed(report.get("validation", [])):
+        if row.get(key) != 0:
+            break
+        step = row["step"]
+    return step
+
+
 def fmt(value, digits=4):
     if value is None:
         return "-"
@@ -123,26 +136,29 @@ def main():
     if results["data"]:
         base = next(iter(results["data"].values()))["metrics"]["before"]
         print(f"\nData unlearning (canary), {args.max_train_steps} steps, {args.num_eval_samples} samples")
-        print(f"{'method':18s} {'mem. rate':>10s} {'FD':>8s} {'FD/base':>8s} {'forget loss':>12s} {'MIA AUC':>8s} {'steps to 0':>10s} {'wall s':>7s}")
-        print(f"{'(base model)':18s} {fmt(base['memorization_rate']):>10s} {fmt(base['fd'], 3):>8s} {'1.00':>8s} {fmt(base['forget_loss']):>12s} {fmt(base.get('mia_auc'), 3):>8s} {'':>10s} {'':>7s}")
+        print(f"{'method':18s} {'mem. rate':>10s} {'FD':>8s} {'FD/base':>8s} {'clf score':>9s} {'forget loss':>12s} {'keep loss':>10s} {'MIA AUC':>8s} {'first 0':>8s} {'0 from':>7s} {'wall s':>7s}")
+        print(f"{'(base model)':18s} {fmt(base['memorization_rate']):>10s} {fmt(base['fd'], 3):>8s} {'1.00':>8s} {fmt(base['classifier_score'], 2):>9s} {fmt(base['forget_loss']):>12s} {fmt(base['keep_loss']):>10s} {fmt(base.get('mia_auc'), 3):>8s} {'':>8s} {'':>7s} {'':>7s}")
         for label, report in results["data"].items():
             after = report["metrics"]["after"]
             print(
                 f"{label:18s} {fmt(after['memorization_rate']):>10s} {fmt(after['fd'], 3):>8s} "
-                f"{after['fd'] / base['fd']:8.2f} {fmt(after['forget_loss']):>12s} {fmt(after.get('mia_auc'), 3):>8s} "
-                f"{fmt(first_zero_step(report, 'memorization_rate')):>10s} {report['wall_seconds']:7.0f}"
+                f"{after['fd'] / base['fd']:8.2f} {fmt(after['classifier_score'], 2):>9s} {fmt(after['forget_loss']):>12s} "
+                f"{fmt(after['keep_loss']):>10s} {fmt(after.get('mia_auc'), 3):>8s} "
+                f"{fmt(first_zero_step(report, 'memorization_rate')):>8s} {fmt(stays_zero_step(report, 'memorization_rate')):>7s} "
+                f"{report['wall_seconds']:7.0f}"
             )
     if results["class"]:
         base = next(iter(results["class"].values()))["metrics"]["before"]
         print(f"\nClass unlearning (digit {args.forget_class}), {args.max_train_steps} steps, {args.num_eval_samples} samples per side")
-        print(f"{'method':18s} {'forget-class rate':>18s} {'PUL':>7s} {'keep FD':>8s} {'FD/base':>8s} {'steps to 0':>10s} {'wall s':>7s}")
+        print(f"{'method':18s} {'forget-class rate':>18s} {'PUL':>7s} {'keep FD':>8s} {'FD/base':>8s} {'first 0':>8s} {'0 from':>7s} {'wall s':>7s}")
         print(f"{'(base model)':18s} {fmt(base['forget_class_rate']):>18s} {'':>7s} {fmt(base['fd'], 3):>8s} {'1.00':>8s}")
         for label, report in results["class"].items():
             after = report["metrics"]["after"]
             print(
                 f"{label:18s} {fmt(after['forget_class_rate']):>18s} {fmt(after.get('pul'), 1):>7s} "
                 f"{fmt(after['fd'], 3):>8s} {after['fd'] / base['fd']:8.2f} "
-                f"{fmt(first_zero_step(report, 'forget_class_rate')):>10s} {report['wall_seconds']:7.0f}"
+                f"{fmt(first_zero_step(report, 'forget_class_rate')):>8s} {fmt(stays_zero_step(report, 'forget_class_rate')):>7s} "
+                f"{report['wall_seconds']:7.0f}"
             )
     plot(results, os.path.join(args.output_dir, "quality_vs_forgetting.png"))
 
