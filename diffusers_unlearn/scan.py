@@ -32,6 +32,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=16, help="Samples (prompt x generation pairs) per UNet call; each call also runs the empty-prompt branch.")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", type=str, default="float32", choices=["float32", "float16", "bfloat16"])
     return parser.parse_args(argv)
@@ -56,15 +57,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from .data import read_prompts_file
-    from .metrics.noise_norm import noise_norm_per_prompt
+    from .metrics.noise_norm import noise_norm_scores
 
     args = parse_args(argv)
     # Cheap checks before the model loads.
     prompts = read_prompts_file(args.prompts_file)
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {args.top_k}.")
-    if args.num_generations < 1:
-        raise ValueError(f"--num_generations must be >= 1, got {args.num_generations}.")
+    for flag in ("num_generations", "num_inference_steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda needs a CUDA GPU; use --device cpu.")
     path = args.pretrained_model_name_or_path
@@ -76,10 +78,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     pipe = StableDiffusionPipeline.from_pretrained(
         path, revision=args.revision, variant=args.variant, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
     ).to(args.device)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)  # deterministic steps
     pipe.set_progress_bar_config(disable=True)
 
-    scores = noise_norm_per_prompt(pipe, prompts, args.num_generations, args.seed, args.num_inference_steps, args.guidance_scale)
+    scores = noise_norm_scores(
+        pipe, prompts, num_generations=args.num_generations, num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+    )
     order = sorted(range(len(prompts)), key=lambda i: -scores[i])
     rows = [{"caption": prompts[i], "noise_norm": scores[i], "rank": rank + 1} for rank, i in enumerate(order)]
     if args.top_k is not None:

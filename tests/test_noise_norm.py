@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
-from diffusers_unlearn.metrics import noise_norm_along_trajectory, noise_norm_per_class, noise_norm_per_prompt
+from diffusers_unlearn.metrics import noise_norm_along_trajectory, noise_norm_per_class, noise_norm_per_prompt, noise_norm_scores
 
 from tiny_models import save_tiny_sd_pipeline, tiny_unet
 
@@ -75,3 +75,49 @@ def test_class_conditional_and_unconditional_unets():
     assert len(scores) == 2 and all(s > 0 for s in scores)
     with pytest.raises(ValueError, match="unconditional"):
         noise_norm_per_class(tiny_unet(), scheduler, [0])
+
+
+def test_noise_norm_scores_dispatches_and_batches(pipe):
+    prompts = ["a digit seven", "a photo of a cat", "a digit one"]
+    reference = noise_norm_per_prompt(pipe, prompts, num_generations=3, num_inference_steps=2, seed=1, return_per_generation=True)
+    for batch_size in (1, 4, 64):  # pairs of (prompt, generation) split across UNet calls in different ways
+        table = noise_norm_scores(pipe, prompts, num_generations=3, num_inference_steps=2, seed=1, batch_size=batch_size, return_per_generation=True)
+        assert torch.allclose(table, reference, rtol=1e-5, atol=1e-6)
+    # A plain mapping of components gives the same scores as the pipeline, and the pipeline's scheduler is untouched.
+    timesteps_before = pipe.scheduler.timesteps.clone() if pipe.scheduler.timesteps is not None else None
+    components = {k: getattr(pipe, k) for k in ("unet", "scheduler", "tokenizer", "text_encoder")}
+    from_mapping = noise_norm_scores(components, prompts, num_generations=3, num_inference_steps=2, seed=1)
+    assert from_mapping == pytest.approx(reference.mean(dim=1).tolist(), rel=1e-5)
+    after = pipe.scheduler.timesteps
+    assert (timesteps_before is None and after is None) or torch.equal(after, timesteps_before)
+    # The empty prompt is the unconditional branch: it scores exactly 0.
+    assert noise_norm_scores(pipe, [""], num_generations=2, num_inference_steps=2) == [0.0]
+    with pytest.raises(ValueError, match="text prompts"):
+        noise_norm_scores(pipe, [3])
+    with pytest.raises(ValueError, match="batch_size"):
+        noise_norm_scores(pipe, ["x"], batch_size=0)
+
+
+def test_seed_changes_the_noise_and_stochastic_schedulers_are_seeded(pipe):
+    a = noise_norm_scores(pipe, ["a digit seven"], num_generations=2, num_inference_steps=2, seed=0)
+    b = noise_norm_scores(pipe, ["a digit seven"], num_generations=2, num_inference_steps=2, seed=1)
+    assert a != b
+    ancestral = {"unet": pipe.unet, "scheduler": DDPMScheduler.from_config(pipe.scheduler.config), "tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder}
+    first = noise_norm_scores(ancestral, ["a digit seven"], num_generations=2, num_inference_steps=3, seed=5)
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert noise_norm_scores(ancestral, ["a digit seven"], num_generations=2, num_inference_steps=3, seed=5) == first
+
+
+def test_noise_norm_scores_on_ddpm_components():
+    unet = tiny_unet(num_class_embeds=3)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    scores = noise_norm_scores({"unet": unet, "scheduler": scheduler}, [0, 1, 2], num_generations=2, num_inference_steps=2)
+    assert scores[0] > 0 and scores[1] > 0 and scores[2] == 0.0  # label 2 is the null label itself
+    table = noise_norm_scores({"unet": unet, "scheduler": scheduler}, [0, 1], num_generations=2, num_inference_steps=2, batch_size=1, return_per_generation=True)
+    assert table.shape == (2, 2) and torch.allclose(table.mean(dim=1), torch.tensor(scores[:2]), rtol=1e-5)
+    with pytest.raises(ValueError, match="class labels"):
+        noise_norm_scores({"unet": unet, "scheduler": scheduler}, ["a digit seven"])
+    with pytest.raises(ValueError, match="outside"):
+        noise_norm_scores({"unet": unet, "scheduler": scheduler}, [3])
+    with pytest.raises(ValueError, match="unconditional"):
+        noise_norm_scores({"unet": tiny_unet(), "scheduler": scheduler}, [0])

@@ -44,3 +44,17 @@ def test_scan_rejects_bad_prompt_files_before_loading(tmp_path):
     with pytest.raises(ValueError, match="--top_k"):
         scan.main(missing + ["--prompts_file", str(tmp_path / "ok.txt"), "--top_k", "0"])
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_scan_plain_text_batch_size_and_table(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a digit seven\n\na photo of a cat\na digit seven\n")  # blank line and duplicate dropped
+    common = ["--pretrained_model_name_or_path", model_dir, "--prompts_file", str(prompts), "--num_generations", "2", "--num_inference_steps", "2", "--seed", "3"]
+    one = scan.main(common + ["--output_file", str(tmp_path / "one.jsonl"), "--batch_size", "1"])
+    many = scan.main(common + ["--output_file", str(tmp_path / "many.jsonl"), "--batch_size", "8"])
+    assert [r["caption"] for r in one] == [r["caption"] for r in many] and len(one) == 2
+    assert [r["noise_norm"] for r in one] == pytest.approx([r["noise_norm"] for r in many], rel=1e-5)
+    out = capsys.readouterr().out
+    assert "rank" in out and "a photo of a cat" in out and "Wrote 2 prompt(s)" in out
+    with pytest.raises(ValueError, match="--batch_size"):
+        scan.main(common + ["--output_file", str(tmp_path / "x.jsonl"), "--batch_size", "0"])

@@ -1,6 +1,7 @@
 """UnlearnStableDiffusionPipeline and the mixin's memorization_score / unlearn on tiny models."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -85,3 +86,89 @@ def test_unlearn_in_process_ddpm():
     assert pipe.unlearn(forget=forget, keep=keep, max_train_steps=2, train_batch_size=2, scaling_norm=0.5) == "siss"
     assert pipe.unlearning_adapters == ["siss"]
     assert isinstance(pipe, DDPMPipeline) and not isinstance(pipe, ClassConditionalDDPMPipeline)
+
+
+def lora_unet(seed=1):
+    unet = add_lora(tiny_condition_unet(), rank=4, lora_alpha=8, targets="attention")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return unet
+
+
+def test_adapters_in_every_layout_load(model_dir, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    trained = lora_unet()
+    expected = unet_output(trained)
+    # 1. Plain diffusers: StableDiffusionPipeline.save_lora_weights (unet.-prefixed keys, no method entry).
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "plain"), unet_lora_layers=get_peft_model_state_dict(trained),
+        unet_lora_adapter_metadata=trained.peft_config["default"].to_dict(),
+    )
+    # 2. A bare PEFT file without the prefix, which diffusers' pipeline loader would skip without an error.
+    trained.save_lora_adapter(str(tmp_path / "bare"), weight_name="pytorch_lora_weights.safetensors")
+    for folder, name in (("plain", "unlearning"), ("bare", "unlearning")):
+        pipe = UnlearnStableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+        base = unet_output(pipe.unet)
+        assert pipe.load_unlearning_adapter(str(tmp_path / folder)) == name
+        assert torch.allclose(unet_output(pipe.unet), expected, atol=1e-5), folder
+        pipe.set_unlearning_strength(0.0)
+        assert torch.equal(unet_output(pipe.unet), base), folder
+        pipe.set_unlearning_strength(0.5)
+        half = unet_output(pipe.unet)
+        assert not torch.allclose(half, base) and not torch.allclose(half, expected)
+
+
+def test_two_adapters_and_named_strength(model_dir, tmp_path):
+    save_lora_weights(lora_unet(1), tmp_path / "a", metadata={"method": "siss"})
+    save_lora_weights(lora_unet(2), tmp_path / "b", metadata={"method": "siss"})
+    pipe = UnlearnStableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.load_unlearning_adapter(str(tmp_path / "a"))
+    assert pipe.load_unlearning_adapter(str(tmp_path / "b"), adapter_name="second", strength=0.0) == "second"
+    assert pipe.unlearning_adapters == ["second", "siss"]
+    with pytest.raises(ValueError, match="Several adapters"):
+        pipe.set_unlearning_strength(1.0)
+    with pytest.raises(ValueError, match="No adapter named"):
+        pipe.set_unlearning_strength(1.0, "missing")
+    pipe.set_unlearning_strength(1.0, "siss")
+    assert torch.allclose(unet_output(pipe.unet), unet_output(lora_unet(1)), atol=1e-5)
+
+
+def test_adapter_for_another_model_is_refused(model_dir, tmp_path):
+    ddpm_adapter = add_lora(tiny_unet(), rank=2, targets="attention")
+    save_lora_weights(ddpm_adapter, tmp_path / "ddpm")
+    pipe = UnlearnStableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    base = unet_output(pipe.unet)
+    with pytest.raises(ValueError, match="not found in the base model"):  # peft's own error: no layer matches at all
+        pipe.load_unlearning_adapter(str(tmp_path / "ddpm"))
+    assert pipe.unlearning_adapters == [] and torch.equal(unet_output(pipe.unet), base)
+    # Some keys match and some do not: diffusers only warns, we refuse and leave the pipeline as it was.
+    from safetensors.torch import load_file, save_file
+
+    path = save_lora_weights(lora_unet(), tmp_path / "partial")
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("attn1.to_q.lora_A.weight"))
+    tensors[re.sub(r"^unet\.\w+_blocks?\.\d*", "unet.up_blocks.7", key)] = tensors[key].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="match no layer"):
+        pipe.load_unlearning_adapter(str(tmp_path / "partial"))
+    assert pipe.unlearning_adapters == [] and torch.equal(unet_output(pipe.unet), base)
+    with pytest.raises(FileNotFoundError):
+        pipe.load_unlearning_adapter(str(tmp_path))
+
+
+def test_memorization_score_follows_the_adapter(model_dir, tmp_path):
+    save_lora_weights(lora_unet(), tmp_path / "adapter", metadata={"method": "siss"})
+    pipe = UnlearnStableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    kwargs = dict(num_generations=2, num_inference_steps=2, seed=3)
+    base = pipe.memorization_score(["a digit seven"], **kwargs)
+    assert pipe.memorization_score(["a digit seven"], **kwargs) == base  # deterministic
+    pipe.load_unlearning_adapter(str(tmp_path / "adapter"))
+    assert pipe.memorization_score(["a digit seven"], **kwargs) != base
+    pipe.set_unlearning_strength(0.0)
+    assert pipe.memorization_score(["a digit seven"], **kwargs) == pytest.approx(base, rel=1e-6)
+    table = pipe.memorization_score(["a digit seven", "a photo of a cat"], return_per_generation=True, **kwargs)
+    assert table.shape == (2, 2)

@@ -6,6 +6,8 @@
 - quality: `frechet_distance`, `classifier_score`, with `classifier_features` / `classifier_logits`;
 - likelihood: `denoising_losses` (ELBO proxy on a fixed timestep grid and seeded noise), `mia_auc`,
   `kl_to_standard_normal`;
+- noise norm (Wen et al.): `noise_norm_scores`, with `noise_norm_per_prompt` / `noise_norm_per_class` /
+  `noise_norm_along_trajectory`;
 - weights: `weight_distance`;
 - the suite: `evaluate_ddpm`, `pul_from_reports`.
 
@@ -21,7 +23,7 @@ from .classes import class_count, class_rate, pul
 from .classifier import DEFAULT_MIN_CONFIDENCE, UNRECOGNIZED, classifier_features, classifier_logits, predict_labels
 from .likelihood import denoising_losses, kl_to_standard_normal, mia_auc, timestep_grid
 from .memorization import memorization_rate, nearest_distances, to_unit_interval
-from .noise_norm import noise_norm_along_trajectory, noise_norm_per_class, noise_norm_per_prompt
+from .noise_norm import noise_norm_along_trajectory, noise_norm_per_class, noise_norm_per_prompt, noise_norm_scores
 from .quality import classifier_score, frechet_distance, frechet_distance_from_stats, gaussian_stats
 from .suite import evaluate_ddpm, pul_from_reports
 from .weights import weight_distance
@@ -46,6 +48,7 @@ __all__ = [
     "noise_norm_along_trajectory",
     "noise_norm_per_class",
     "noise_norm_per_prompt",
+    "noise_norm_scores",
     "predict_labels",
     "pul",
     "pul_from_reports",

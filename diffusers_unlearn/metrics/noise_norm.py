@@ -5,15 +5,32 @@ values of one sample) of the text-conditional minus the unconditional noise pred
 ||eps(x_t, c) - eps(x_t, empty)||, and averages it over the steps and over several generations. A memorized
 prompt pulls every trajectory toward one training image, so its conditional prediction departs far from the
 unconditional one; ordinary prompts give small differences. It needs nothing but the model.
+
+Entry point: `noise_norm_scores(pipe_or_components, prompts, ...)`. It takes a Stable-Diffusion-style pipeline (or
+a mapping with its `unet`, `scheduler`, `tokenizer` and `text_encoder`), or a DDPM pipeline / mapping whose
+`UNet2DModel` is class-conditional, in which case the "prompts" are class labels.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import inspect
+import operator
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ..pipelines.text_to_image import initial_latents
+from ..pipelines.text_to_image import _image_seed, initial_latents
+
+DEFAULT_TEXT_GUIDANCE = 7.5
+DEFAULT_CLASS_GUIDANCE = 3.0
+
+
+def _fresh_scheduler(scheduler):
+    """A new scheduler with the same config: sampling state (timesteps, multistep history) never leaks between
+    calls, and the caller's pipeline keeps its own scheduler untouched."""
+    return type(scheduler).from_config(scheduler.config)
 
 
 @torch.no_grad()
@@ -24,29 +41,107 @@ def noise_norm_along_trajectory(
     conditional: dict[str, Any],
     unconditional: dict[str, Any],
     num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = DEFAULT_TEXT_GUIDANCE,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Per-sample mean over sampling steps of ||eps(x_t, c) - eps(x_t, empty)||; shape (N,), float32 on CPU.
 
-    `conditional` / `unconditional` are the extra UNet arguments of each branch (`encoder_hidden_states=...` for
-    a text-to-image UNet, `class_labels=...` for a class-conditional UNet2DModel), each with batch size N.
-    `scheduler` is set to `num_inference_steps`; the trajectory follows the guided prediction, as sampling does.
+    `latents` is the initial noise (N, C, H, W) at unit variance. `conditional` / `unconditional` are the extra
+    UNet arguments of each branch (`encoder_hidden_states=...` for a text-to-image UNet, `class_labels=...` for a
+    class-conditional UNet2DModel), each with batch size N. Both branches go through one batched UNet call per
+    step. `scheduler` is set to `num_inference_steps`; the trajectory follows the guided prediction, as sampling
+    does. `generator` feeds the step noise of stochastic schedulers (ignored by DDIM, PNDM and other
+    deterministic ones).
+
+    Example:
+        >>> score = noise_norm_along_trajectory(pipe.unet, pipe.scheduler, latents,
+        ...     {"encoder_hidden_states": prompt_embeds}, {"encoder_hidden_states": empty_embeds})  # doctest: +SKIP
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     sample = latents * scheduler.init_noise_sigma
     total = torch.zeros(latents.shape[0], dtype=torch.float32, device=latents.device)
     both = {key: torch.cat([unconditional[key], conditional[key]]) for key in conditional}
-    for t in scheduler.timesteps:
+    timesteps = scheduler.timesteps
+    for t in timesteps:
         model_input = scheduler.scale_model_input(torch.cat([sample, sample]), t)
         output = unet(model_input, t, **both)
         prediction = output.sample if hasattr(output, "sample") else output[0]
         uncond, cond = prediction.float().chunk(2)
         total += (cond - uncond).flatten(1).norm(dim=1)
         guided = uncond + guidance_scale * (cond - uncond)
-        sample = scheduler.step(guided.to(sample.dtype), t, sample).prev_sample
-    return (total / len(scheduler.timesteps)).cpu()
+        sample = scheduler.step(guided.to(sample.dtype), t, sample, **step_kwargs).prev_sample
+    return (total / len(timesteps)).cpu()
+
+
+def _component(pipe_or_components, name: str):
+    if isinstance(pipe_or_components, Mapping):
+        return pipe_or_components.get(name)
+    return getattr(pipe_or_components, name, None)
+
+
+def _chunks(count: int, batch_size: int):
+    for start in range(0, count, batch_size):
+        yield start, min(start + batch_size, count)
+
+
+@torch.no_grad()
+def _encode_text(pipe_or_components, prompts: Sequence[str], device, dtype, batch_size: int) -> torch.Tensor:
+    """Prompt embeddings as the pipeline's sampling sees them (its `encode_prompt` when it has one), (P, L, D)."""
+    encode_prompt = None if isinstance(pipe_or_components, Mapping) else getattr(pipe_or_components, "encode_prompt", None)
+    tokenizer, text_encoder = _component(pipe_or_components, "tokenizer"), _component(pipe_or_components, "text_encoder")
+    hidden = []
+    for start, stop in _chunks(len(prompts), batch_size):
+        chunk = list(prompts[start:stop])
+        if encode_prompt is not None:
+            embeds = encode_prompt(chunk, text_encoder.device, 1, False)[0]
+        else:
+            from ..pipelines.text_to_image import tokenize
+
+            embeds = text_encoder(tokenize(tokenizer, chunk).to(text_encoder.device))[0]
+        hidden.append(embeds.to(device, dtype))
+    return torch.cat(hidden)
+
+
+def _score_pairs(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    num_conditions: int,
+    condition_batch,
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Scores of every (condition, generation) pair, run `batch_size` samples at a time; (num_conditions, G).
+
+    `condition_batch(condition_index_tensor)` returns the (conditional, unconditional) UNet kwargs of a chunk.
+    Generation g of every condition starts from `latents[g]`, so conditions are compared on the same noise.
+    """
+    num_generations = latents.shape[0]
+    pairs = [(c, g) for c in range(num_conditions) for g in range(num_generations)]
+    scores = torch.zeros(num_conditions * num_generations)
+    sampler = _fresh_scheduler(scheduler)
+    for chunk_index, (start, stop) in enumerate(_chunks(len(pairs), batch_size)):
+        condition_index = torch.tensor([pairs[i][0] for i in range(start, stop)])
+        generation_index = torch.tensor([pairs[i][1] for i in range(start, stop)])
+        conditional, unconditional = condition_batch(condition_index)
+        generator = torch.Generator(latents.device).manual_seed(_image_seed(seed, 1_000_000 + chunk_index))
+        scores[start:stop] = noise_norm_along_trajectory(
+            unet, sampler, latents[generation_index], conditional, unconditional,
+            num_inference_steps, guidance_scale, generator=generator,
+        )
+    return scores.reshape(num_conditions, num_generations)
+
+
+def _check_counts(num_generations: int, batch_size: int) -> None:
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
 
 
 @torch.no_grad()
@@ -56,45 +151,58 @@ def noise_norm_per_prompt(
     num_generations: int = 4,
     seed: int = 0,
     num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = DEFAULT_TEXT_GUIDANCE,
     return_per_generation: bool = False,
+    batch_size: int = 16,
 ):
-    """The noise-norm score of each prompt for a Stable-Diffusion-style pipeline (its tokenizer, text encoder,
-    UNet and scheduler), averaged over `num_generations` seeded generations. Generation i of every prompt starts
-    from the same noise, so scores are paired across prompts and across models.
+    """The noise-norm score of each prompt for a Stable-Diffusion-style pipeline (or a mapping with its `unet`,
+    `scheduler`, `tokenizer` and `text_encoder`), averaged over `num_generations` seeded generations.
+
+    Generation i of every prompt starts from the same noise, `initial_latents(pipe, num_generations, seed)[i]`,
+    so scores are paired across prompts and across models (before/after unlearning). `batch_size` samples (prompt
+    and generation pairs, mixed across prompts) go through the UNet together, twice that with the empty-prompt
+    branch. The pipeline's scheduler type is used (a fresh copy; the pipeline's own is not touched).
 
     Returns a list of floats (one per prompt), or with `return_per_generation` a (num_prompts, num_generations)
-    tensor.
+    float32 tensor.
 
     Example:
         >>> noise_norm_per_prompt(pipe, ["a handwritten digit seven", "a handwritten digit one"])  # doctest: +SKIP
         [1.93, 0.41]
     """
-    from ..pipelines.text_to_image import tokenize
-
-    if num_generations < 1:
-        raise ValueError(f"num_generations must be >= 1, got {num_generations}.")
-    unet = pipe.unet
+    _check_counts(num_generations, batch_size)
+    prompts = list(prompts)
+    unet, scheduler = _component(pipe, "unet"), _component(pipe, "scheduler")
+    if _component(pipe, "text_encoder") is None or _component(pipe, "tokenizer") is None:
+        raise ValueError("noise_norm_per_prompt needs a pipeline (or mapping) with `tokenizer` and `text_encoder`.")
+    if not prompts:
+        empty_table = torch.zeros(0, num_generations)
+        return empty_table if return_per_generation else []
     device, dtype = unet.device, unet.dtype
     was_training = unet.training
     unet.eval()
-    text_device = pipe.text_encoder.device
-    empty = pipe.text_encoder(tokenize(pipe.tokenizer, [""]).to(text_device))[0].to(device, dtype)
-    latents = initial_latents(pipe, num_generations, seed).to(device, dtype)
-    rows = []
-    for prompt in prompts:
-        hidden = pipe.text_encoder(tokenize(pipe.tokenizer, [prompt]).to(text_device))[0].to(device, dtype)
-        rows.append(
-            noise_norm_along_trajectory(
-                unet, pipe.scheduler, latents,
-                {"encoder_hidden_states": hidden.expand(num_generations, -1, -1)},
-                {"encoder_hidden_states": empty.expand(num_generations, -1, -1)},
-                num_inference_steps, guidance_scale,
+    try:
+        hidden = _encode_text(pipe, prompts + [""], device, dtype, batch_size)
+        prompt_hidden, empty = hidden[:-1], hidden[-1:]
+        latents = _initial_noise(unet, num_generations, seed).to(device, dtype)
+
+        def condition_batch(index):
+            return (
+                {"encoder_hidden_states": prompt_hidden[index.to(device)]},
+                {"encoder_hidden_states": empty.expand(len(index), -1, -1)},
             )
+
+        table = _score_pairs(
+            unet, scheduler, latents, len(prompts), condition_batch, num_inference_steps, guidance_scale, seed, batch_size
         )
-    unet.train(was_training)
-    scores = torch.stack(rows) if rows else torch.zeros(0, num_generations)
-    return scores if return_per_generation else [float(row.mean()) for row in scores]
+    finally:
+        unet.train(was_training)
+    return table if return_per_generation else [float(row.mean()) for row in table]
+
+
+def _initial_noise(unet, count: int, seed: int) -> torch.Tensor:
+    """The same starting noise as `pipelines.text_to_image.initial_latents` (it reads only `pipe.unet.config`)."""
+    return initial_latents(SimpleNamespace(unet=unet), count, seed)
 
 
 @torch.no_grad()
@@ -105,38 +213,122 @@ def noise_norm_per_class(
     num_generations: int = 4,
     seed: int = 0,
     num_inference_steps: int = 25,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = DEFAULT_CLASS_GUIDANCE,
     null_class_label: Optional[int] = None,
-) -> list[float]:
-    """The same score for a class-conditional UNet2DModel: the class label against the null label.
+    return_per_generation: bool = False,
+    batch_size: int = 64,
+):
+    """The same score for a class-conditional UNet2DModel: each class label against the null label.
 
-    Raises ValueError for an unconditional UNet (it has no conditioning to compare).
+    Sampling uses DDIM built from `scheduler`'s config (as the package's DDPM sampler does). Raises ValueError for
+    an unconditional UNet (it has no conditioning to compare) or a label outside the class embedding.
+
+    Example:
+        >>> noise_norm_per_class(pipe.unet, pipe.scheduler, [0, 1, 7], guidance_scale=3.0)  # doctest: +SKIP
+        [0.52, 0.48, 0.97]
     """
     from ..pipelines.ddpm import ddim_scheduler_from, default_null_class_label
 
-    if getattr(unet.config, "num_class_embeds", None) is None:
+    _check_counts(num_generations, batch_size)
+    num_classes = getattr(unet.config, "num_class_embeds", None)
+    if num_classes is None:
         raise ValueError(
             "The noise-norm score compares conditional and unconditional predictions; this UNet is unconditional. "
             "Use the memorization rate against the forget images instead."
         )
-    null = default_null_class_label(unet) if null_class_label is None else null_class_label
+    labels = [int(label) for label in class_labels]
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise ValueError(f"Class labels {bad} are outside 0..{num_classes - 1} (the UNet's num_class_embeds).")
+    if not labels:
+        empty_table = torch.zeros(0, num_generations)
+        return empty_table if return_per_generation else []
+    null = default_null_class_label(unet) if null_class_label is None else int(null_class_label)
     device, dtype = unet.device, unet.dtype
-    size, channels = unet.config.sample_size, unet.config.in_channels
-    noise = []
-    for index in range(num_generations):
-        generator = torch.Generator("cpu").manual_seed((seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1))
-        noise.append(torch.randn((channels, size, size), generator=generator))
-    latents = torch.stack(noise).to(device, dtype)
-    sampler = ddim_scheduler_from(scheduler)
+    latents = _initial_noise(unet, num_generations, seed).to(device, dtype)
+    label_tensor = torch.tensor(labels, dtype=torch.long)
     was_training = unet.training
     unet.eval()
-    scores = []
-    for label in class_labels:
-        labels = torch.full((num_generations,), int(label), device=device, dtype=torch.long)
-        nulls = torch.full((num_generations,), int(null), device=device, dtype=torch.long)
-        values = noise_norm_along_trajectory(
-            unet, sampler, latents, {"class_labels": labels}, {"class_labels": nulls}, num_inference_steps, guidance_scale
+    try:
+
+        def condition_batch(index):
+            chosen = label_tensor[index].to(device)
+            return {"class_labels": chosen}, {"class_labels": torch.full_like(chosen, null)}
+
+        table = _score_pairs(
+            unet, ddim_scheduler_from(scheduler), latents, len(labels), condition_batch,
+            num_inference_steps, guidance_scale, seed, batch_size,
         )
-        scores.append(float(values.mean()))
-    unet.train(was_training)
-    return scores
+    finally:
+        unet.train(was_training)
+    return table if return_per_generation else [float(row.mean()) for row in table]
+
+
+def noise_norm_scores(
+    pipe_or_components,
+    prompts: Sequence[Union[str, int]],
+    num_generations: int = 4,
+    num_inference_steps: int = 25,
+    guidance_scale: Optional[float] = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    return_per_generation: bool = False,
+):
+    """Noise-norm memorization score (Wen et al., ICLR 2024) of each prompt, highest for memorized prompts.
+
+    Args:
+        pipe_or_components: a text-to-image pipeline (`StableDiffusionPipeline`, `UnlearnStableDiffusionPipeline`)
+            or a mapping with `unet`, `scheduler`, `tokenizer`, `text_encoder`; or a DDPM pipeline / mapping
+            (`unet`, `scheduler`) whose `UNet2DModel` has `num_class_embeds`.
+        prompts: text prompts; class labels (ints) for a class-conditional UNet2DModel. The empty prompt "" (or the
+            null class label, the last class embedding) is the unconditional branch.
+        num_generations: seeded generations per prompt; generation i starts from the same noise for every prompt.
+        num_inference_steps: sampling steps; the score is the mean over them.
+        guidance_scale: classifier-free guidance of the trajectory (default 7.5 for text, 3.0 for class labels).
+        seed: fixes the starting noise (and the step noise of stochastic schedulers): same seed, same scores.
+        batch_size: samples per UNet call (each call runs the conditional and unconditional branch together).
+        return_per_generation: return the (num_prompts, num_generations) tensor instead of per-prompt means.
+
+    Returns:
+        `list[float]`, one score per prompt (L2 units of the latent; compare prompts of one model, or one prompt
+        before and after unlearning), or the per-generation tensor.
+
+    Raises:
+        ValueError: for an unconditional UNet2DModel, which has no conditioning to score.
+
+    Example:
+        >>> from diffusers import StableDiffusionPipeline
+        >>> pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")  # doctest: +SKIP
+        >>> noise_norm_scores(pipe, ["The No Limits Business Woman Podcast", "a photo of a dog"])  # doctest: +SKIP
+        [5.9, 1.2]
+    """
+    unet = _component(pipe_or_components, "unet")
+    scheduler = _component(pipe_or_components, "scheduler")
+    if unet is None or scheduler is None:
+        raise ValueError("noise_norm_scores needs a pipeline or mapping with a `unet` and a `scheduler`.")
+    if _component(pipe_or_components, "text_encoder") is not None and _component(pipe_or_components, "tokenizer") is not None:
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"A text-to-image pipeline scores text prompts; got {bad[:3]}.")
+        return noise_norm_per_prompt(
+            pipe_or_components, list(prompts), num_generations, seed, num_inference_steps,
+            DEFAULT_TEXT_GUIDANCE if guidance_scale is None else guidance_scale,
+            return_per_generation=return_per_generation, batch_size=batch_size,
+        )
+    if getattr(unet.config, "num_class_embeds", None) is None:
+        raise ValueError(
+            "The noise-norm score compares conditional and unconditional predictions, and this UNet is "
+            "unconditional (no text encoder, no num_class_embeds): there is nothing to score. Use the memorization "
+            "rate against the forget images (metrics.memorization_rate) instead."
+        )
+    try:
+        labels = [operator.index(p) for p in prompts]
+    except TypeError:
+        raise ValueError(
+            f"A class-conditional UNet2DModel scores class labels (ints), not {[p for p in prompts][:3]}."
+        ) from None
+    return noise_norm_per_class(
+        unet, scheduler, labels, num_generations, seed, num_inference_steps,
+        DEFAULT_CLASS_GUIDANCE if guidance_scale is None else guidance_scale,
+        return_per_generation=return_per_generation, batch_size=batch_size,
+    )

@@ -30,6 +30,19 @@ def _resolve_adapter_file(path_or_repo: str, weight_name: str, token: Optional[s
     return hf_hub_download(path_or_repo, weight_name, token=token)
 
 
+def _has_pipeline_prefixes(path: str) -> bool:
+    """True unless the file is a bare PEFT state dict (keys such as `down_blocks.0...lora_A.weight`, no component
+    prefix), which diffusers' pipeline loader would skip without an error."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        keys = list(handle.keys())
+    bare = all(".lora_A." in k or ".lora_B." in k or ".lora_magnitude_vector" in k for k in keys) and not any(
+        k.startswith(("unet.", "text_encoder.")) for k in keys
+    )
+    return not bare
+
+
 class UnlearningMixin:
     """Adds `load_unlearning_adapter`, `set_unlearning_strength`, `memorization_score` and `unlearn` to a
     pipeline with a `unet` (a DDPM pipeline, or a text-to-image pipeline with `text_encoder` and `tokenizer`).
@@ -75,25 +88,69 @@ class UnlearningMixin:
         defaults to the unlearning method stored in the file (for example "siss").
         Returns the adapter name.
 
+        For a Stable Diffusion pipeline the file is in diffusers' pipeline LoRA format (`unet.`-prefixed keys, and
+        `text_encoder.` ones if the text encoder was trained), as written by `StableDiffusionPipeline.save_lora_weights`,
+        `diffusers_unlearn.lora.save_lora_weights` and `train_unlearn_sd.py`; it goes through the pipeline's own
+        `load_lora_weights`. A bare PEFT file from `unet.save_lora_adapter` (no prefix) loads into the UNet.
+        Keys that match no layer raise `ValueError` (diffusers would only warn) and leave the pipeline unchanged.
+
         Example:
             >>> pipe = UnlearnDDPMPipeline.from_pretrained(toy_model_path("ddpm_unconditional"))
             >>> name = pipe.load_unlearning_adapter("unlearn-ddpm-output")
             >>> pipe.set_unlearning_strength(0.5)   # halfway between the base and the unlearned model
+
+            >>> sd = UnlearnStableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+            >>> sd.load_unlearning_adapter("unlearn-sd-output", adapter_name="forget-podcast")
+            'forget-podcast'
         """
         path = _resolve_adapter_file(path_or_repo, weight_name, token)
         metadata = read_lora_metadata(path)
         adapter_name = adapter_name or str(metadata.get("method", "unlearning"))
         if adapter_name in (getattr(self.unet, "peft_config", None) or {}):
             raise ValueError(f"The pipeline already has an adapter named {adapter_name!r}; pass another adapter_name.")
-        if self._is_text_to_image:
-            # diffusers' own loader: it also restores a text-encoder adapter stored in the same file.
+        if self._is_text_to_image and _has_pipeline_prefixes(path):
+            # diffusers' own loader: it also restores a text-encoder adapter stored in the same file, and it
+            # converts other published formats. It only warns when keys match no layer, so check afterwards.
             self.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=adapter_name)
+            self._check_pipeline_adapter_loaded(path, adapter_name)
         else:
+            # A DDPM pipeline, or a bare PEFT file (`unet.save_lora_adapter`) without the `unet.` prefix, which the
+            # pipeline loader would silently skip. Our loader takes both layouts and fails on unmatched keys.
             self.unet = load_lora_weights(self.unet, path, adapter_name=adapter_name)
         self.unet.requires_grad_(False)
         self.unet.eval()
         self.set_unlearning_strength(strength, adapter_name)
         return adapter_name
+
+    def _check_pipeline_adapter_loaded(self, path: str, adapter_name: str) -> None:
+        """Raise (and remove the partial adapter) when the UNet part of a pipeline LoRA file did not fully load."""
+        from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+        from safetensors import safe_open
+
+        from ..lora import UNET_PREFIX, lora_state_dict
+
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            unet_keys = [k.removeprefix(f"{UNET_PREFIX}.") for k in handle.keys() if k.startswith(f"{UNET_PREFIX}.")]
+        if not unet_keys:
+            if adapter_name not in self.unlearning_adapters and not self._text_encoder_has(adapter_name):
+                raise ValueError(f"{path!r} holds no LoRA weights for this pipeline's UNet or text encoder.")
+            return
+        expected = set(convert_unet_state_dict_to_peft(dict.fromkeys(unet_keys)).keys())
+        loaded = set(lora_state_dict(self.unet, adapter_name).keys()) if adapter_name in self.unlearning_adapters else set()
+        missing = sorted(expected - loaded)
+        if missing:
+            try:
+                self.delete_adapters(adapter_name)  # leave the pipeline as it was, not half adapted
+            except Exception:  # noqa: BLE001 - best effort; the error below is what matters
+                pass
+            raise ValueError(
+                f"{len(missing)} LoRA weights in {path!r} match no layer of the pipeline's "
+                f"{type(self.unet).__name__}, for example {missing[:3]}. Is this adapter for a different model?"
+            )
+
+    def _text_encoder_has(self, adapter_name: str) -> bool:
+        text_encoder = getattr(self, "text_encoder", None)
+        return adapter_name in (getattr(text_encoder, "peft_config", None) or {})
 
     @property
     def unlearning_adapters(self) -> list[str]:
@@ -126,24 +183,33 @@ class UnlearningMixin:
         num_inference_steps: int = 25,
         guidance_scale: Optional[float] = None,
         seed: int = 0,
-    ) -> list[float]:
-        """The noise-norm memorization score (Wen et al.) of each prompt: high for prompts whose generations
-        collapse onto a training image. For a class-conditional DDPM the "prompts" are class labels; an
-        unconditional DDPM has nothing to score and raises ValueError.
+        batch_size: int = 16,
+        return_per_generation: bool = False,
+    ):
+        """The noise-norm memorization score (Wen et al., ICLR 2024) of each prompt: the mean over the sampling
+        steps of ||eps(x_t, prompt) - eps(x_t, "")||, averaged over `num_generations` seeded generations. High for
+        prompts whose generations collapse onto a training image; compare prompts of one model, or a prompt before
+        and after `load_unlearning_adapter` / `set_unlearning_strength` (the same seed gives the same noise).
+
+        For a text-to-image pipeline `guidance_scale` defaults to 7.5. For a class-conditional DDPM the "prompts"
+        are class labels, scored against the null label with guidance 3.0 by default; an unconditional DDPM has
+        nothing to score and raises ValueError. See `diffusers_unlearn.metrics.noise_norm_scores`.
 
         Example:
-            >>> pipe.memorization_score(["a handwritten digit seven", "a handwritten digit one"])  # doctest: +SKIP
-            [2.41, 0.63]
+            >>> pipe = UnlearnStableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+            >>> pipe.memorization_score(["The No Limits Business Woman Podcast", "a photo of a dog"])  # doctest: +SKIP
+            [5.9, 1.2]
+            >>> pipe.load_unlearning_adapter("unlearn-sd-output")
+            >>> pipe.memorization_score(["The No Limits Business Woman Podcast"])  # doctest: +SKIP
+            [1.4]
+            >>> ddpm = UnlearnDDPMPipeline.from_pretrained(toy_model_path("ddpm_class_conditional"))
+            >>> ddpm.memorization_score([0, 1, 2])  # class labels  # doctest: +SKIP
         """
-        from ..metrics.noise_norm import noise_norm_per_class, noise_norm_per_prompt
+        from ..metrics.noise_norm import noise_norm_scores
 
-        if self._is_text_to_image:
-            return noise_norm_per_prompt(
-                self, list(prompts), num_generations, seed, num_inference_steps, 7.5 if guidance_scale is None else guidance_scale
-            )
-        return noise_norm_per_class(
-            self.unet, self.scheduler, list(prompts), num_generations, seed, num_inference_steps,
-            3.0 if guidance_scale is None else guidance_scale,
+        return noise_norm_scores(
+            self, list(prompts), num_generations=num_generations, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, return_per_generation=return_per_generation,
         )
 
     def unlearn(
