@@ -1,0 +1,274 @@
+"""Train the tiny text-to-image toy (seeded, CPU, minutes) and save it as a `StableDiffusionPipeline` folder.
+
+    python -m diffusers_unlearn.toy.train_text_to_image                    # into diffusers_unlearn/toy/assets/sd_tiny
+    python -m diffusers_unlearn.toy.train_text_to_image --output_dir my-toy --unet_steps 2000 --num_threads 1
+
+1. The tokenizer's vocabulary is written and the text encoder built (random, seeded, frozen); the ten captions
+   and the empty prompt are encoded once.
+2. The VAE learns to reconstruct the training images (digits + canary copies) through 4x4x4 latents. Its
+   `scaling_factor` is then set to 1 / (standard deviation of the latents), as Stable Diffusion's 0.18215 was.
+3. The UNet learns to predict the noise added to the scaled latents, given the caption's embedding, which is
+   replaced by the empty prompt's 10% of the time (classifier-free guidance needs an unconditional model).
+
+The folder loads fully offline with plain `StableDiffusionPipeline.from_pretrained(folder)` and holds
+safetensors only. Runs are reproducible for a seed on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import ASSETS_DIR
+from .text_to_image import (
+    DIGIT_PROMPTS,
+    SD_TOY_NAME,
+    build_noise_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    count_parameters,
+    training_set,
+)
+from .train import _batches
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+CAPTION_DROPOUT = 0.1
+"""Share of captions replaced by the empty prompt during UNet training."""
+
+
+def train_vae(
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    learning_rate: float = 1e-3,
+    kl_weight: float = 1e-4,
+    log_every: int = 500,
+) -> AutoencoderKL:
+    """Train the toy `AutoencoderKL` on `images` (`[N, 1, 8, 8]` in [-1, 1]) and set its `scaling_factor`.
+
+    The loss is the pixel MSE of the reconstruction from a sampled latent plus a small KL term, which keeps
+    the latent space smooth enough for the UNet to generate into. No perceptual or adversarial loss: at 8x8
+    the MSE alone reconstructs the digits recognizably.
+
+    Returns:
+        The trained VAE, in eval mode with gradients off.
+    """
+    vae = build_vae(seed=seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
+    lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(len(images), batch_size, generator)
+    vae.train()
+    start, running = time.time(), 0.0
+    for step in range(1, steps + 1):
+        batch = images[next(batches)]
+        posterior = vae.encode(batch).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(latents).sample
+        loss = F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_scheduler.step()
+
+        running += loss.item()
+        if step % log_every == 0 or step == steps:
+            count = log_every if step % log_every == 0 else step % log_every
+            print(f"vae step {step}/{steps}  loss {running / count:.4f}  {time.time() - start:.0f}s", flush=True)
+            running = 0.0
+
+    vae.eval()
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mode()
+        reconstruction = vae.decode(latents).sample.clamp(-1, 1)
+    # Stable Diffusion scales latents to unit variance so the noise schedule fits them.
+    scaling_factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    error = ((reconstruction - images) / 2).flatten(1).norm(dim=1)  # pixel L2 in [0, 1] units
+    print(
+        f"vae: latent std {latents.std():.4f} -> scaling_factor {scaling_factor:.4f}; reconstruction L2 "
+        f"median {error.median():.3f}, max {error.max():.3f}",
+        flush=True,
+    )
+    return vae
+
+
+def train_unet(
+    latents: torch.Tensor,
+    prompt_index: torch.Tensor,
+    embeddings: torch.Tensor,
+    steps: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    learning_rate: float = 1e-3,
+    caption_dropout: float = CAPTION_DROPOUT,
+    ema_decay: float = 0.999,
+    log_every: int = 500,
+) -> tuple[UNet2DConditionModel, DDPMScheduler]:
+    """Train the toy `UNet2DConditionModel` to predict noise on scaled latents.
+
+    Args:
+        latents: `[N, 4, 4, 4]` scaled VAE latents of the training images.
+        prompt_index: `[N]` row of `embeddings` holding each image's caption.
+        embeddings: `[P + 1, 77, 32]` text-encoder hidden states of the P captions; the last row is the empty
+            prompt's, used for dropped captions.
+
+    Returns:
+        `(unet, noise_scheduler)`: the EMA weights in eval mode, and the training `DDPMScheduler`.
+    """
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    unet = build_unet(seed=seed)
+    noise_scheduler = build_noise_scheduler()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=1e-2)
+    lr_scheduler = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=min(200, steps // 10), num_training_steps=steps
+    )
+    ema = EMAModel(unet.parameters(), decay=ema_decay)
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(len(latents), batch_size, generator)
+    empty_prompt = embeddings.shape[0] - 1
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+
+    unet.train()
+    start, running = time.time(), 0.0
+    for step in range(1, steps + 1):
+        index = next(batches)
+        x0 = latents[index]
+        rows = prompt_index[index].clone()
+        rows[torch.rand(len(index), generator=generator) < caption_dropout] = empty_prompt
+        noise = torch.randn(x0.shape, generator=generator)
+        timesteps = torch.randint(0, num_train_timesteps, (len(index),), generator=generator)
+        noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+
+        prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings[rows]).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        ema.step(unet.parameters())
+
+        running += loss.item()
+        if step % log_every == 0 or step == steps:
+            count = log_every if step % log_every == 0 else step % log_every
+            print(f"unet step {step}/{steps}  loss {running / count:.4f}  {time.time() - start:.0f}s", flush=True)
+            running = 0.0
+
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    unet.requires_grad_(False)
+    return unet, noise_scheduler
+
+
+def save_toy_pipeline(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    noise_scheduler: DDPMScheduler,
+    tokenizer_dir: str,
+    output_dir: str,
+) -> None:
+    """Save the components as one `StableDiffusionPipeline` folder (no safety checker), replacing `output_dir`.
+
+    The sampling scheduler is DDIM on the training schedule. The tokenizer folder also gets the `vocab.json` and
+    `merges.txt` it was built from, so that it is readable and loads with either tokenizer backend.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    # steps_offset=1 silences diffusers' deprecation warning for DDIM configs.
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    # Write next to the destination, then swap, so an interrupted run never leaves a half-written folder.
+    staging = tempfile.mkdtemp(prefix=".sd-toy-", dir=parent)
+    try:
+        pipe.save_pretrained(staging)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(staging, "tokenizer", name))
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train the tiny text-to-image toy of diffusers-unlearn.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--output_dir", type=str, default=os.path.join(ASSETS_DIR, SD_TOY_NAME))
+    parser.add_argument("--vae_steps", type=int, default=1500)
+    parser.add_argument("--unet_steps", type=int, default=3000)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    started = time.time()
+    torch.manual_seed(args.seed)
+    images, captions = training_set()
+    print(f"== sd_tiny: {len(images)} training images, seed {args.seed}, {torch.get_num_threads()} threads", flush=True)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        tokenizer_dir = os.path.join(workdir, "tokenizer")
+        tokenizer = build_tokenizer(tokenizer_dir)
+        text_encoder = build_text_encoder(len(tokenizer))
+        prompts = list(DIGIT_PROMPTS) + [""]
+        with torch.no_grad():
+            ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            embeddings = text_encoder(ids.input_ids)[0]
+        prompt_index = torch.tensor([prompts.index(caption) for caption in captions])
+
+        vae = train_vae(images, args.vae_steps, args.batch_size, seed=args.seed)
+        vae_seconds = time.time() - started
+        print(f"vae: {count_parameters(vae) / 1e6:.3f}M parameters, trained in {vae_seconds:.0f}s", flush=True)
+
+        # The mode of the posterior (not a sample), as `pipelines.text_to_image.encode_latents` caches them.
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+        unet, noise_scheduler = train_unet(
+            latents, prompt_index, embeddings, args.unet_steps, args.batch_size, seed=args.seed + 1
+        )
+        unet_seconds = time.time() - started - vae_seconds
+        print(f"unet: {count_parameters(unet) / 1e6:.3f}M parameters, trained in {unet_seconds:.0f}s", flush=True)
+
+        save_toy_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, tokenizer_dir, args.output_dir)
+    print(f"saved {args.output_dir} after {time.time() - started:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
