@@ -1,6 +1,7 @@
 """Time the no-argument runs of the training scripts, evaluation included.
 
     python benchmarks/bench_default_run.py            # train_unlearn_ddpm.py (target: <= 180 s on 2 CPU cores)
+    python benchmarks/bench_default_run.py --script train_unlearn_sd.py   # target: <= 300 s on 2 CPU cores
 
 Runs the script in a fresh process exactly as a newcomer would, prints the wall time and the
 before/after summary from the report it wrote.
@@ -35,11 +36,30 @@ def main():
         report = json.load(open(os.path.join(workdir, outputs[0], "unlearning_report.json")))
     print(f"{args.script} with no arguments: {wall:.1f} s wall (process start to exit), cpu threads={os.cpu_count()}")
     before, after = report["metrics"]["before"], report["metrics"]["after"]
-    print(f"{'metric':20s} {'before':>10s} {'after':>10s}")
-    for key in ("memorization_rate", "fd", "forget_loss", "keep_loss", "heldout_loss", "mia_auc"):
-        if key in before:
-            print(f"{key:20s} {before[key]:10.4f} {after[key]:10.4f}")
-    print(json.dumps({"script": args.script, "wall_seconds": wall, "num_eval_samples": report["num_eval_samples"]}))
+    print(f"{'metric':30s} {'before':>10s} {'after':>10s}")
+    keys = ("memorization_rate", "fd", "noise_norm", "other_prompts_noise_norm", "other_prompts_digit_accuracy",
+            "forget_loss", "keep_loss", "heldout_loss", "mia_auc")
+    for key in keys:
+        if before.get(key) is not None and after.get(key) is not None:
+            print(f"{key:30s} {before[key]:10.4f} {after[key]:10.4f}")
+    # The issue's targets, as ratios of after to before.
+    if before.get("memorization_rate"):
+        print(f"memorization rate after / before: {after['memorization_rate'] / before['memorization_rate']:.3f}")
+    for key in ("fd", "other_prompts_noise_norm", "other_prompts_digit_accuracy"):
+        if before.get(key):
+            print(f"{key} change: {100 * (after[key] - before[key]) / before[key]:+.1f}%")
+    if report.get("per_prompt"):
+        columns = {"memorization_rate": "rate", "noise_norm": "noise norm", "digit_accuracy": "accuracy"}
+        print(f"{'prompt':28s} " + " ".join(f"{label + ' ' + phase:>17s}" for label in columns.values() for phase in ("before", "after")))
+        for prompt, values in report["per_prompt"].items():
+            cells = []
+            for column in columns:
+                for phase in ("before", "after"):
+                    value = values.get(column, {}).get(phase)
+                    cells.append(f"{value:17.4f}" if value is not None else f"{'-':>17s}")
+            print(f"{prompt:28s} " + " ".join(cells))
+    samples = report.get("num_eval_samples", before.get("num_eval_images_per_prompt"))
+    print(json.dumps({"script": args.script, "wall_seconds": wall, "num_eval_samples": samples}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """train_unlearn_sd.py end to end on a tiny random Stable Diffusion pipeline (CPU, seconds per run)."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -215,3 +217,52 @@ def test_resume_matches_an_uninterrupted_run(workspace, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoints_total_limit_and_atomic_names(workspace, tmp_path):
+    out = tmp_path / "out"
+    common = ["--validation_steps", "100", "--noise_norm_generations", "0"]
+    run(base_args(workspace, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", *common))
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if n.startswith("checkpoint-")] == ["checkpoint-4", "checkpoint-6"]
+    assert not [n for n in names if n.endswith(".tmp")]  # every write was renamed into place
+
+
+def test_two_processes_only_rank_zero_writes(workspace, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
+        str(ROOT / "train_unlearn_sd.py"),
+        *base_args(workspace, out, "--max_train_steps", "2", "--validation_steps", "100", "--noise_norm_generations", "0"),
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads((out / "unlearning_report.json").read_text())
+    assert report["num_processes"] == 2
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert completed.stdout.count("Unlearning summary") == 1  # printed (and written) by rank 0 only
+
+
+def test_no_arguments_use_the_bundled_toy_with_siss_and_lora():
+    args = script.parse_args([])
+    from diffusers_unlearn.toy import toy_model_path
+
+    assert args.pretrained_model_name_or_path == toy_model_path("sd_tiny")
+    assert (args.method, args.train_mode, args.lora_targets) == ("siss", "lora", "attention_conv")
+    assert args.learning_rate == 2e-3 and args.max_train_steps == 200 and args.keep_from_generations == 64
+    # A real model keeps the diffusers-like defaults.
+    real = script.parse_args(["--pretrained_model_name_or_path", "some/hub-id", "--forget_data_dir", "forget"])
+    assert (real.lora_targets, real.learning_rate) == ("attention", 1e-3)
+
+
+def test_toy_defaults_remove_the_canary(tmp_path):
+    """The no-argument training recipe, with a lighter evaluation: the canary rate falls to <= 10% of its base."""
+    out = tmp_path / "toy"
+    run(["--output_dir", str(out), "--num_eval_images", "32", "--noise_norm_generations", "0",
+         "--num_other_prompt_images", "8", "--num_validation_images", "4", "--validation_steps", "100"])
+    report = json.loads((out / "unlearning_report.json").read_text())
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert before["memorization_rate"] >= 0.3
+    assert after["memorization_rate"] <= 0.1 * before["memorization_rate"]
+    assert after["other_prompts_digit_accuracy"] >= 0.9 * before["other_prompts_digit_accuracy"]
