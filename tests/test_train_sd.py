@@ -96,11 +96,17 @@ def test_full_run_writes_report_adapter_grids_and_card(workspace, tmp_path, capl
     # Plain diffusers loads the adapter, with its rank and alpha, and reproduces the trained UNet's weights.
     pipe = StableDiffusionPipeline.from_pretrained(str(workspace / "model"), safety_checker=None)
     pipe.load_lora_weights(str(out))
-    config = next(iter(pipe.unet.peft_config.values()))
+    from peft.utils import get_peft_model_state_dict
+
+    adapter_name, config = next(iter(pipe.unet.peft_config.items()))
     assert (config.r, config.lora_alpha) == (4, 4)
     saved = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert all(key.startswith("unet.") for key in saved)
     assert any(tensor.abs().sum() > 0 for key, tensor in saved.items() if "lora_B" in key)  # training moved B
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name)
+    assert len(loaded) == len(saved)
+    for key, tensor in saved.items():
+        assert torch.equal(loaded[key[len("unet."):]], tensor), key
 
 
 def test_forget_data_dir_and_text_encoder_lora(workspace, tmp_path):
@@ -266,3 +272,10 @@ def test_toy_defaults_remove_the_canary(tmp_path):
     assert before["memorization_rate"] >= 0.3
     assert after["memorization_rate"] <= 0.1 * before["memorization_rate"]
     assert after["other_prompts_digit_accuracy"] >= 0.9 * before["other_prompts_digit_accuracy"]
+    # The adapter, convolutions included, loads into the toy with plain diffusers.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(report["base_model"], safety_checker=None)
+    pipe.load_lora_weights(str(out))
+    config = next(iter(pipe.unet.peft_config.values()))
+    assert {"conv1", "conv2", "to_q"} <= set(config.target_modules)
