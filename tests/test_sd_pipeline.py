@@ -172,3 +172,29 @@ def test_memorization_score_follows_the_adapter(model_dir, tmp_path):
     assert pipe.memorization_score(["a digit seven"], **kwargs) == pytest.approx(base, rel=1e-6)
     table = pipe.memorization_score(["a digit seven", "a photo of a cat"], return_per_generation=True, **kwargs)
     assert table.shape == (2, 2)
+
+
+def test_unlearn_removes_the_toy_canary(caplog):
+    """The in-process API with the script's toy recipe: the seven prompt stops drawing the canary."""
+    from diffusers_unlearn.toy import toy_model_path
+    from diffusers_unlearn.toy.text_to_image import SD_MEMORIZATION_THRESHOLD, canary_distances, canary_forget_set, generate_digits
+
+    pipe = UnlearnStableDiffusionPipeline.from_pretrained(toy_model_path("sd_tiny"), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a handwritten digit seven"
+
+    def canary_rate():
+        images = generate_digits(pipe, [prompt], num_per_prompt=32, seed=0)
+        return (canary_distances(images) < SD_MEMORIZATION_THRESHOLD).float().mean().item()
+
+    before = canary_rate()
+    canary = canary_forget_set().images[0]
+    with caplog.at_level("INFO"):
+        pipe.unlearn(
+            forget=[(canary, prompt)], max_train_steps=200, learning_rate=2e-3, lora_targets="attention_conv",
+            keep_from_generations=64, memorization_threshold=SD_MEMORIZATION_THRESHOLD,
+        )
+    assert "rejected as forget copies" in caplog.text
+    after = canary_rate()
+    assert before >= 0.3
+    assert after <= 0.1 * before, (before, after)

@@ -8,12 +8,15 @@ diffusers loads, because the saved `_class_name` is the base class's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional, Sequence
 
 import torch
 
 from ..lora import DEFAULT_WEIGHT_NAME, as_plain_unet, load_lora_weights, read_lora_metadata
+
+logger = logging.getLogger(__name__)
 
 
 def _resolve_adapter_file(path_or_repo: str, weight_name: str, token: Optional[str] = None) -> str:
@@ -234,12 +237,17 @@ class UnlearningMixin:
         pipeline `forget` (and `keep`) are `(image, prompt)` pairs, images as PIL or [-1, 1] tensors (C, H, W);
         without `keep`, `keep_from_generations` images per forget prompt are generated and those farther than
         `memorization_threshold` (pixel L2 in [0, 1] units; default an RMS difference of 0.1) from every forget
-        image form the keep set. For a DDPM pipeline `forget` and `keep` are image tensors (N, C, H, W) in [-1, 1].
+        image form the keep set. A threshold below the distance of the model's near-copies lets them into the keep
+        set, which then teaches the model to keep what it should forget: on the bundled toy, pass its
+        `SD_MEMORIZATION_THRESHOLD` (the default there removes the canary only partly). For a DDPM pipeline `forget` and `keep` are image tensors (N, C, H, W) in [-1, 1].
         `hyperparameters` go to the method (for example `scaling_norm=0.5` for SISS).
 
         Example:
             >>> pipe = UnlearnStableDiffusionPipeline.from_pretrained(toy_model_path("sd_tiny"))
-            >>> pipe.unlearn(forget=[(canary_image, "a handwritten digit seven")], max_train_steps=100)
+            >>> canary_image = canary_forget_set().images[0]  # from diffusers_unlearn.toy.text_to_image
+            >>> pipe.unlearn(forget=[(canary_image, "a handwritten digit seven")], max_train_steps=200,
+            ...              learning_rate=2e-3, lora_targets="attention_conv", keep_from_generations=64,
+            ...              memorization_threshold=SD_MEMORIZATION_THRESHOLD)
             'siss'
             >>> from diffusers_unlearn.lora import save_lora_weights
             >>> save_lora_weights(pipe.unet, "forget-canary", adapter_name="siss")  # a file plain diffusers loads
@@ -266,7 +274,8 @@ class UnlearningMixin:
                 generations = generate_images(self, prompts, keep_from_generations, seed=seed + 1)
                 for prompt, images in zip(prompts, generations):
                     own = forget_images[[i for i, p in enumerate(forget_prompts) if p == prompt]]
-                    far, _ = filter_far_from(images, own, threshold)
+                    far, near = filter_far_from(images, own, threshold)
+                    logger.info(f"keep_from_generations, {prompt!r}: {len(far)} generation(s) kept, {len(near)} rejected as forget copies.")
                     kept.append(far)
                     kept_prompts += [prompt] * len(far)
                 if not kept_prompts:
