@@ -20,11 +20,9 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 logger = logging.getLogger("diffusers_unlearn.evaluate")

@@ -91,14 +91,27 @@ def _dot(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> torch
     return total
 
 
-def _check_finite_loss(terms: LossTerms, step: Optional[int]) -> None:
+def _check_finite_loss(terms: LossTerms, step: Optional[int], backend: Optional["_Backend"] = None) -> None:
+    bad = []
     for name in ("keep", "forget"):
         value = getattr(terms, name)
         if value is not None and not torch.isfinite(value.detach()).all():
+            bad.append(name)
+    if backend is not None and backend.num_processes > 1:
+        # Every process must stop together: one that raised alone would leave the others waiting forever in the
+        # next gradient all-reduce.
+        flag = torch.tensor([float(len(bad))], device=backend.accelerator.device)
+        if float(backend.accelerator.reduce(flag, reduction="sum").item()) > 0 and not bad:
             raise NonFiniteError(
-                f"Non-finite {name} loss ({value.detach().float().item()}) at step {step}. "
-                "No weights were changed. Lower the learning rate, check the input data, or use fp32."
+                f"Non-finite loss on another process at step {step}. No weights were changed. "
+                "Lower the learning rate, check the input data, or use fp32."
             )
+    if bad:
+        value = getattr(terms, bad[0]).detach().float()
+        raise NonFiniteError(
+            f"Non-finite {bad[0]} loss ({value.flatten()[0].item()}) at step {step}. "
+            "No weights were changed. Lower the learning rate, check the input data, or use fp32."
+        )
 
 
 def _check_finite_norm(norm: torch.Tensor, term: str, step: Optional[int], backend: Optional["_Backend"] = None) -> bool:
@@ -108,11 +121,10 @@ def _check_finite_norm(norm: torch.Tensor, term: str, step: Optional[int], backe
         return True
     if backend is not None and backend.has_scaler:
         return False
-    if True:
-        raise NonFiniteError(
-            f"Non-finite gradient of the {term} term at step {step}. No weights were changed. "
-            "Lower the learning rate or the method's forget weight."
-        )
+    raise NonFiniteError(
+        f"Non-finite gradient of the {term} term at step {step}. No weights were changed. "
+        "Lower the learning rate or the method's forget weight."
+    )
 
 
 class SumCombiner:
@@ -127,7 +139,7 @@ class SumCombiner:
         accelerator=None,
         step: Optional[int] = None,
     ) -> dict[str, float]:
-        _check_finite_loss(terms, step)
+        _check_finite_loss(terms, step, _Backend(accelerator))
         parts = [t for t in (terms.keep, terms.forget) if t is not None]
         if not parts:
             raise ValueError("The objective returned neither a keep nor a forget term.")
@@ -194,8 +206,8 @@ class FixedNormCombiner:
         accelerator=None,
         step: Optional[int] = None,
     ) -> dict[str, float]:
-        _check_finite_loss(terms, step)
         backend = _Backend(accelerator)
+        _check_finite_loss(terms, step, backend)
         logs: dict[str, float] = {}
         if terms.forget is None:
             backend.backward(terms.keep)
@@ -261,8 +273,8 @@ class BOMECombiner:
         accelerator=None,
         step: Optional[int] = None,
     ) -> dict[str, float]:
-        _check_finite_loss(terms, step)
         backend = _Backend(accelerator)
+        _check_finite_loss(terms, step, backend)
         if terms.forget is None or terms.keep is None:
             backend.backward(terms.keep if terms.keep is not None else terms.forget)
             return {}

@@ -68,7 +68,7 @@ def main():
     forget = DenoisingBatch(images[0:1].expand(16, -1, -1, -1))
     keep = DenoisingBatch(images[1:2].expand(16, -1, -1, -1))
     for step in range(60):
-        logs = unlearner.step(forget, keep, generator=g).logs
+        unlearner.step(forget, keep, generator=g)
     after = [denoising_loss(denoiser, im) for im in (images[0:1], images[1:2])]
 
     path = save_lora_weights(denoiser.model, args.output_dir, metadata={"method": args.method})

@@ -1,4 +1,5 @@
-"""Run by test_unlearner.py under torchrun: compares a 2-process step with a 1-process step."""
+"""Run by test_unlearner.py under torchrun: compares a 2-process step with a 1-process step, or (with the
+argument `nan`) checks that a non-finite loss on one rank stops every rank instead of hanging the others."""
 
 import json
 import sys
@@ -7,7 +8,7 @@ import torch
 from accelerate import Accelerator
 
 from diffusers_unlearn.objectives import DenoisingBatch, LossTerms, UnlearningObjective
-from diffusers_unlearn.gradients import BOMECombiner, FixedNormCombiner, SumCombiner
+from diffusers_unlearn.gradients import BOMECombiner, FixedNormCombiner, NonFiniteError, SumCombiner
 from diffusers_unlearn.unlearner import Unlearner
 
 from tiny_models import batches, trainable
@@ -69,5 +70,28 @@ def main(result_path):
     accelerator.wait_for_everyone()
 
 
+def main_nan(result_path):
+    """Rank 1's forget batch holds a NaN; every rank must raise NonFiniteError at the same step."""
+    accelerator = Accelerator(cpu=True)
+    _, forget, keep = batches("unconditional", batch_size=4)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    forget_x0 = forget.x0[rank::world].clone()
+    if rank == 1:
+        forget_x0[0, 0, 0, 0] = float("nan")
+    messages = {}
+    for name, make in (("sum", SumCombiner), ("fixed_norm", lambda: FixedNormCombiner(scaling_norm=0.3))):
+        try:
+            run(accelerator, make(), DenoisingBatch(forget_x0), DenoisingBatch(keep.x0[rank::world]))
+            messages[name] = None
+        except NonFiniteError as error:
+            messages[name] = str(error)
+    with open(f"{result_path}.rank{rank}", "w") as f:
+        json.dump(messages, f)
+    accelerator.wait_for_everyone()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "nan":
+        main_nan(sys.argv[1])
+    else:
+        main(sys.argv[1])

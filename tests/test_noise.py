@@ -3,9 +3,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 from diffusers_unlearn.noise import NoiseSchedule, per_sample_loss
-from diffusers_unlearn.objectives import DenoisingBatch, Denoiser, available_objectives, get_objective
+from diffusers_unlearn.objectives import Denoiser, available_objectives, get_objective
 
-from tiny_models import batches, schedule, tiny_unet
+from tiny_models import batches, schedule
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

@@ -1,12 +1,7 @@
 import pytest
 import torch
 
-from diffusers_unlearn.objectives import (
-    DenoisingBatch,
-    Denoiser,
-    available_objectives,
-    get_objective,
-)
+from diffusers_unlearn.objectives import available_objectives, get_objective
 from diffusers_unlearn.objectives.vdu import precision_from_checkpoints
 
 from tiny_models import batches, trainable

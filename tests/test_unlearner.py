@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from diffusers_unlearn.gradients import FixedNormCombiner, NonFiniteError
+from diffusers_unlearn.gradients import NonFiniteError
 from diffusers_unlearn.objectives import DenoisingBatch, get_objective
 from diffusers_unlearn.unlearner import Unlearner, cycle
 
@@ -151,3 +151,21 @@ def test_two_processes_match_one_process(tmp_path):
     for combiner, max_error in report["max_abs_error"].items():
         assert max_error < 1e-5, (combiner, report)
     assert report["world_size"] == 2
+
+
+def test_non_finite_loss_on_one_process_stops_every_process(tmp_path):
+    """A NaN on rank 1 only: both ranks raise NonFiniteError (before the fix rank 0 waited in the all-reduce)."""
+    script = Path(__file__).with_name("ddp_step_script.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    result = tmp_path / "nan.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29518", str(script), str(result), "nan",
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rank0 = json.loads(Path(f"{result}.rank0").read_text())
+    rank1 = json.loads(Path(f"{result}.rank1").read_text())
+    for combiner in ("sum", "fixed_norm"):
+        assert "on another process" in rank0[combiner]
+        assert "Non-finite forget loss" in rank1[combiner]

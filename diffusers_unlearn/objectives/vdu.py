@@ -27,7 +27,6 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..noise import per_sample_loss
 from .base import (
     DenoisingBatch,
     Denoiser,
