@@ -76,6 +76,8 @@ LORA_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     # Attention plus the ResNet convolutions. Small DDPM UNets have few attention layers, so an adapter
     # restricted to them can be too weak to unlearn anything.
     "attention_conv": _ATTENTION_TARGETS + _RESNET_CONV_TARGETS,
+    # The two 3x3 convolutions of every ResNet block, no attention: the text conditioning stays untouched.
+    "conv": ("conv1", "conv2"),
 }
 
 # Layer types that peft's LoRA can wrap. Matching custom target names only against these gives a clear error
@@ -196,9 +198,10 @@ def resolve_lora_targets(model: nn.Module, preset_or_list: str | Sequence[str]) 
     """Turn a preset name or a list of module names into the `target_modules` for a `LoraConfig`.
 
     `preset_or_list` is one of:
-    - a preset in `LORA_TARGET_PRESETS`: `"attention"` (to_q, to_k, to_v, to_out.0) or `"attention_conv"`
-      (attention plus the ResNet convolutions conv1, conv2 and conv_shortcut). Names the model lacks are dropped,
-      for example `conv_shortcut` in a UNet whose blocks keep their width;
+    - a preset in `LORA_TARGET_PRESETS`: `"attention"` (to_q, to_k, to_v, to_out.0), `"attention_conv"`
+      (attention plus the ResNet convolutions conv1, conv2 and conv_shortcut) or `"conv"` (conv1 and
+      conv2 of every ResNet block, no attention). Names the model lacks are dropped, for example `conv_shortcut` in a UNet whose blocks
+      keep their width;
     - custom module names, as a comma-separated string or a list. A name matches a module whose full name equals
       it or ends with `"." + name`, as in peft. Every custom name must match at least one LoRA-capable layer.
 

@@ -159,6 +159,8 @@ def test_presets_resolve_to_existing_modules(make_model, preset):
     if preset == "attention_conv":
         assert {"conv1", "conv2", "conv_shortcut"} <= set(targets)
         assert not any("time_emb" in t or "linear_" in t for t in targets)
+    if preset == "conv":
+        assert set(targets) == {"conv1", "conv2"}  # no attention projection
 
 
 def test_custom_targets_and_errors():

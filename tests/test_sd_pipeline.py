@@ -191,7 +191,7 @@ def test_unlearn_removes_the_toy_canary(caplog):
     canary = canary_forget_set().images[0]
     with caplog.at_level("INFO"):
         pipe.unlearn(
-            forget=[(canary, prompt)], max_train_steps=200, learning_rate=2e-3, lora_targets="attention_conv",
+            forget=[(canary, prompt)], max_train_steps=200, learning_rate=2e-3, lora_targets="conv",
             keep_from_generations=64, memorization_threshold=SD_MEMORIZATION_THRESHOLD,
         )
     assert "rejected as forget copies" in caplog.text

@@ -255,7 +255,7 @@ def test_no_arguments_use_the_bundled_toy_with_siss_and_lora():
     from diffusers_unlearn.toy import toy_model_path
 
     assert args.pretrained_model_name_or_path == toy_model_path("sd_tiny")
-    assert (args.method, args.train_mode, args.lora_targets) == ("siss", "lora", "attention_conv")
+    assert (args.method, args.train_mode, args.lora_targets) == ("siss", "lora", "conv")
     assert args.learning_rate == 2e-3 and args.max_train_steps == 200 and args.keep_from_generations == 64
     # A real model keeps the diffusers-like defaults.
     real = script.parse_args(["--pretrained_model_name_or_path", "some/hub-id", "--forget_data_dir", "forget"])
@@ -278,4 +278,4 @@ def test_toy_defaults_remove_the_canary(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(report["base_model"], safety_checker=None)
     pipe.load_lora_weights(str(out))
     config = next(iter(pipe.unet.peft_config.values()))
-    assert {"conv1", "conv2", "to_q"} <= set(config.target_modules)
+    assert set(config.target_modules) == {"conv1", "conv2"}

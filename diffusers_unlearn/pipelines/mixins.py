@@ -246,7 +246,7 @@ class UnlearningMixin:
             >>> pipe = UnlearnStableDiffusionPipeline.from_pretrained(toy_model_path("sd_tiny"))
             >>> canary_image = canary_forget_set().images[0]  # from diffusers_unlearn.toy.text_to_image
             >>> pipe.unlearn(forget=[(canary_image, "a handwritten digit seven")], max_train_steps=200,
-            ...              learning_rate=2e-3, lora_targets="attention_conv", keep_from_generations=64,
+            ...              learning_rate=2e-3, lora_targets="conv", keep_from_generations=64,
             ...              memorization_threshold=SD_MEMORIZATION_THRESHOLD)
             'siss'
             >>> from diffusers_unlearn.lora import save_lora_weights
