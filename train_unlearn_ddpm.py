@@ -81,7 +81,7 @@ def parse_args(argv=None):
     parser.add_argument("--keep_data_dir", type=str, default=None)
     parser.add_argument("--keep_dataset_name", type=str, default=None)
     parser.add_argument("--keep_from_generations", type=int, default=None, help="Generate N samples; those far from every forget image form the keep set.")
-    parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 distance (in [0,1] units) below which a generation counts as a forget copy. Default: the memorization threshold.")
+    parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 distance (in [0,1] units) below which a generation counts as a forget copy (of a forget image, or of a generation already counted as one). Default: the memorization threshold.")
     parser.add_argument("--heldout_data_dir", type=str, default=None, help="Non-member images for held-out loss and membership inference.")
     parser.add_argument("--output_dir", type=str, default="unlearn-ddpm-output")
     parser.add_argument("--cache_dir", type=str, default=None)

@@ -73,7 +73,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_forget_generations", type=int, default=16, help="Generations per memorized prompt searched for a cluster.")
     parser.add_argument("--keep_data_dir", type=str, default=None, help="Image folder with metadata.jsonl (file_name, text) of images to keep.")
     parser.add_argument("--keep_from_generations", type=int, default=None, help="Generate N images per forget prompt; those far from every forget image become the keep set.")
-    parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation counts as a forget copy. Default: --memorization_threshold.")
+    parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation counts as a forget copy (of a forget image, or of a generation already counted as one). Default: --memorization_threshold.")
     parser.add_argument("--heldout_data_dir", type=str, default=None, help="Image folder with prompts the model never saw: heldout_loss and membership-inference AUC.")
     parser.add_argument("--output_dir", type=str, default="unlearn-sd-output")
     parser.add_argument("--cache_dir", type=str, default=None)

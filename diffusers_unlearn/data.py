@@ -296,12 +296,27 @@ def remove_overlap(keep: ImageSet, forget: ImageSet) -> ImageSet:
 def filter_far_from(
     candidates: torch.Tensor, forget_images: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split generated images by their pixel L2 distance (in [0, 1] pixel units) to the nearest
-    forget image: (far, near). The far ones can serve as a keep set."""
-    a = ((candidates.float() + 1) / 2).flatten(1)
-    b = ((forget_images.float() + 1) / 2).flatten(1)
-    nearest = torch.cdist(a, b).min(dim=1).values
-    return candidates[nearest >= threshold], candidates[nearest < threshold]
+    """Split generated images into (far, near) by pixel L2 distance (in [0, 1] pixel units). The far ones can
+    serve as a keep set.
+
+    A candidate is near if it lies within `threshold` of a forget image, or of a candidate already found near:
+    copies of a memorized image scatter around it, and a copy just outside the threshold is usually close to
+    another copy. One such copy left in a keep set teaches the model to keep the image.
+
+    Example:
+        >>> far, near = filter_far_from(generations, forget_images, threshold=2.0)  # doctest: +SKIP
+    """
+    points = ((candidates.float() + 1) / 2).flatten(1)
+    anchors = ((forget_images.float() + 1) / 2).flatten(1)
+    near = torch.cdist(points, anchors).min(dim=1).values < threshold
+    between = torch.cdist(points, points)
+    while True:  # grow the near set through chains of close candidates
+        reached = (between[:, near] < threshold).any(dim=1) if near.any() else near
+        grown = near | reached
+        if torch.equal(grown, near):
+            break
+        near = grown
+    return candidates[~near], candidates[near]
 
 
 def log_notices(data: ImageSet, log=logger.info) -> None:

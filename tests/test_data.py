@@ -99,6 +99,20 @@ def test_filter_far_from_splits_by_distance():
     assert len(kept) == 1 and len(rejected) == 1 and torch.equal(kept[0], far[0])
 
 
+def test_filter_far_from_follows_chains_of_copies():
+    # A constant shift d in [-1, 1] units over 64 pixels is a distance of 4|d| in [0, 1] pixel units.
+    forget = torch.zeros(1, 1, 8, 8)
+    copy = forget + 0.025  # 0.1 from the forget image
+    near_copy = forget + 0.2  # 0.8 from it, outside the threshold; 0.7 from `copy`
+    lone = forget - 1.0  # 4.0 from it
+    kept, rejected = data.filter_far_from(torch.cat([near_copy, lone, copy]), forget, threshold=0.75)
+    assert len(kept) == 1 and torch.equal(kept[0], lone[0])
+    assert len(rejected) == 2
+    # Without `copy` among the candidates nothing links the near copy to the forget image.
+    kept, rejected = data.filter_far_from(torch.cat([near_copy, lone]), forget, threshold=0.75)
+    assert len(kept) == 2 and len(rejected) == 0
+
+
 def test_toy_dataset_loads_and_checks_shape():
     loaded = data.load_dataset_images(data.TOY_DATASET, 8, 1)
     canary = data.select(loaded, forget_class=10)

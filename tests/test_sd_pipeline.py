@@ -184,7 +184,7 @@ def test_unlearn_removes_the_toy_canary(caplog):
     prompt = "a handwritten digit seven"
 
     def canary_rate():
-        images = generate_digits(pipe, [prompt], num_per_prompt=32, seed=0)
+        images = generate_digits(pipe, [prompt], num_per_prompt=64, seed=0)
         return (canary_distances(images) < SD_MEMORIZATION_THRESHOLD).float().mean().item()
 
     before = canary_rate()

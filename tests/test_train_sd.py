@@ -265,12 +265,12 @@ def test_no_arguments_use_the_bundled_toy_with_siss_and_lora():
 def test_toy_defaults_remove_the_canary(tmp_path):
     """The no-argument training recipe, with a lighter evaluation: the canary rate falls to <= 10% of its base."""
     out = tmp_path / "toy"
-    run(["--output_dir", str(out), "--num_eval_images", "32", "--noise_norm_generations", "0",
+    run(["--output_dir", str(out), "--num_eval_images", "64", "--noise_norm_generations", "0",
          "--num_other_prompt_images", "8", "--num_validation_images", "4", "--validation_steps", "100"])
     report = json.loads((out / "unlearning_report.json").read_text())
     before, after = report["metrics"]["before"], report["metrics"]["after"]
     assert before["memorization_rate"] >= 0.3
-    assert after["memorization_rate"] <= 0.1 * before["memorization_rate"]
+    assert after["memorization_rate"] <= 0.1 * before["memorization_rate"], (before, after)
     assert after["other_prompts_digit_accuracy"] >= 0.9 * before["other_prompts_digit_accuracy"]
     # The adapter, convolutions included, loads into the toy with plain diffusers.
     from diffusers import StableDiffusionPipeline

@@ -237,9 +237,8 @@ class UnlearningMixin:
         pipeline `forget` (and `keep`) are `(image, prompt)` pairs, images as PIL or [-1, 1] tensors (C, H, W);
         without `keep`, `keep_from_generations` images per forget prompt are generated and those farther than
         `memorization_threshold` (pixel L2 in [0, 1] units; default an RMS difference of 0.1) from every forget
-        image form the keep set. A threshold below the distance of the model's near-copies lets them into the keep
-        set, which then teaches the model to keep what it should forget: on the bundled toy, pass its
-        `SD_MEMORIZATION_THRESHOLD` (the default there removes the canary only partly). For a DDPM pipeline `forget` and `keep` are image tensors (N, C, H, W) in [-1, 1].
+        image (and from every generation already rejected, see `data.filter_far_from`) form the keep set. A
+        near-copy that slips into the keep set teaches the model to keep what it should forget. For a DDPM pipeline `forget` and `keep` are image tensors (N, C, H, W) in [-1, 1].
         `hyperparameters` go to the method (for example `scaling_norm=0.5` for SISS).
 
         Example:
