@@ -311,8 +311,7 @@ def filter_far_from(
     near = torch.cdist(points, anchors).min(dim=1).values < threshold
     between = torch.cdist(points, points)
     while True:  # grow the near set through chains of close candidates
-        reached = (between[:, near] < threshold).any(dim=1) if near.any() else near
-        grown = near | reached
+        grown = near | (between[:, near] < threshold).any(dim=1)
         if torch.equal(grown, near):
             break
         near = grown

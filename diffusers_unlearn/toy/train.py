@@ -61,6 +61,25 @@ def _batches(num_items: int, batch_size: int, generator: torch.Generator):
             yield order[start : start + batch_size]
 
 
+def _ema_update(model: torch.nn.Module, loss: torch.Tensor, optimizer, lr_scheduler, ema: EMAModel) -> None:
+    """One optimizer step with gradient clipping at 1, then the EMA copy follows."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    lr_scheduler.step()
+    ema.step(model.parameters())
+
+
+def _log_mean_loss(label: str, running: float, step: int, steps: int, log_every: int, start: float) -> float:
+    """Print the mean loss since the last print every `log_every` steps and at the end; returns the new sum."""
+    if step % log_every == 0 or step == steps:
+        count = log_every if step % log_every == 0 else step % log_every
+        print(f"{label}step {step}/{steps}  loss {running / count:.4f}  {time.time() - start:.0f}s", flush=True)
+        return 0.0
+    return running
+
+
 def train_ddpm(
     conditional: bool,
     output_dir: str,
@@ -114,18 +133,8 @@ def train_ddpm(
             class_labels[drop] = NULL_CLASS_LABEL
 
         loss = F.mse_loss(unet(noisy, timesteps, class_labels=class_labels).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        ema.step(unet.parameters())
-
-        running += loss.item()
-        if step % log_every == 0 or step == steps:
-            count = log_every if step % log_every == 0 else step % log_every
-            print(f"step {step}/{steps}  loss {running / count:.4f}  {time.time() - start:.0f}s", flush=True)
-            running = 0.0
+        _ema_update(unet, loss, optimizer, lr_scheduler, ema)
+        running = _log_mean_loss("", running + loss.item(), step, steps, log_every, start)
 
     ema.copy_to(unet.parameters())
     unet.eval()

@@ -38,7 +38,7 @@ from .text_to_image import (
     count_parameters,
     training_set,
 )
-from .train import _batches
+from .train import _batches, _ema_update, _log_mean_loss
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -83,12 +83,7 @@ def train_vae(
         loss.backward()
         optimizer.step()
         lr_scheduler.step()
-
-        running += loss.item()
-        if step % log_every == 0 or step == steps:
-            count = log_every if step % log_every == 0 else step % log_every
-            print(f"vae step {step}/{steps}  loss {running / count:.4f}  {time.time() - start:.0f}s", flush=True)
-            running = 0.0
+        running = _log_mean_loss("vae ", running + loss.item(), step, steps, log_every, start)
 
     vae.eval()
     vae.requires_grad_(False)
@@ -158,18 +153,8 @@ def train_unet(
 
         prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings[rows]).sample
         loss = F.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        ema.step(unet.parameters())
-
-        running += loss.item()
-        if step % log_every == 0 or step == steps:
-            count = log_every if step % log_every == 0 else step % log_every
-            print(f"unet step {step}/{steps}  loss {running / count:.4f}  {time.time() - start:.0f}s", flush=True)
-            running = 0.0
+        _ema_update(unet, loss, optimizer, lr_scheduler, ema)
+        running = _log_mean_loss("unet ", running + loss.item(), step, steps, log_every, start)
 
     ema.copy_to(unet.parameters())
     unet.eval()
