@@ -29,6 +29,7 @@ from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusers_unlearn import data as unlearn_data
+from diffusers_unlearn.errors import UserInputError, run_script
 from diffusers_unlearn.hub import atomic_write_json, push_folder, write_model_card
 from diffusers_unlearn.images import grid_array, make_grid, save_image_atomic
 from diffusers_unlearn.lora import (
@@ -580,4 +581,4 @@ def print_prompt_table(per_prompt):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(lambda: main(parse_args()), os.path.basename(__file__))
