@@ -56,10 +56,11 @@ from diffusers_unlearn.training import (
     add_method_arguments,
     check_method_arguments,
     print_summary,
-    register_checkpoint_hooks,
-    resume_from_checkpoint,
+    check_resume_argument,
     run_unlearning_loop,
+    script_fingerprint,
 )
+from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
 from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
 logger = get_logger(__name__, log_level="INFO")
@@ -163,6 +164,7 @@ def parse_args(argv=None):
             args.keep_dataset_name = args.keep_dataset_name or unlearn_data.TOY_DATASET
     if args.learning_rate is None:
         args.learning_rate = 5e-3 if args.train_mode == "lora" else 1e-4
+    check_resume_argument(args)
     return args
 
 
@@ -264,6 +266,9 @@ def main(args):
     objective = get_objective(args.method, **hyperparameters)
     if objective.needs_keep and keep is None:
         raise ValueError(f"--method {args.method} needs a keep set: --keep_data_dir, --keep_dataset_name or --keep_from_generations.")
+    # A checkpoint of another run (other data, method or settings) is refused before any evaluation.
+    fingerprint = script_fingerprint(args, objective, forget, keep, use_ema=args.use_ema, ema_max_decay=args.ema_max_decay)
+    resume_path = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, fingerprint, args.max_train_steps)
 
     # Evaluation (main process), before training; same seeds after training.
     keep_classes = sorted(set(range(10)) - {args.forget_class}) if class_unlearning else None
@@ -327,7 +332,7 @@ def main(args):
     denoiser.model = unet
     unlearner = Unlearner(objective, denoiser, optimizer, accelerator, lr_scheduler, args.max_grad_norm)
 
-    register_checkpoint_hooks(accelerator, unlearner, ema)
+    checkpointer = Checkpointer(accelerator, unlearner, [unet], optimizer, lr_scheduler, ema, fingerprint)
 
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("unlearn-ddpm", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
@@ -335,7 +340,7 @@ def main(args):
     forget_pool = BatchPool(forget.images, forget.labels if is_conditional else None)
     keep_pool = BatchPool(keep.images, keep.labels if is_conditional else None) if keep is not None else None
 
-    start_step = resume_from_checkpoint(accelerator, unlearner, args.output_dir, args.resume_from_checkpoint)
+    start_step, validation_history = checkpointer.load(resume_path) if resume_path else (0, [])
 
     # The loop: each optimizer step draws its batches from a generator fixed by (seed, step, micro-batch, rank).
     def update_ema(step):
@@ -349,7 +354,8 @@ def main(args):
         accelerator, unlearner, forget_pool, keep_pool,
         output_dir=args.output_dir, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
         seed=args.seed, start_step=start_step, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
+        checkpointer=checkpointer, checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit, validation_history=validation_history,
         validation_steps=args.validation_steps, validate=run_validation, after_optimizer_step=update_ema,
     )
 

@@ -50,10 +50,11 @@ from diffusers_unlearn.training import (
     add_method_arguments,
     check_method_arguments,
     print_summary,
-    register_checkpoint_hooks,
-    resume_from_checkpoint,
+    check_resume_argument,
     run_unlearning_loop,
+    script_fingerprint,
 )
+from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
 from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
 logger = get_logger(__name__, log_level="INFO")
@@ -174,6 +175,7 @@ def parse_args(argv=None):
         else:
             args.learning_rate = 1e-4 if args.using_toy else 1e-5
     check_model_folder(parser, args.pretrained_model_name_or_path)
+    check_resume_argument(args)
     return args
 
 
@@ -337,6 +339,9 @@ def main(args):
     objective = get_objective(args.method, **hyperparameters_from_flags(args.method, args.method_flags, {"n": n, "k": len(forget)}))
     if objective.needs_keep and len(keep) == 0:
         raise ValueError(f"--method {args.method} needs a keep set.")
+    # A checkpoint of another run (other data, method or settings) is refused before any evaluation.
+    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution)
+    resume_path = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, fingerprint, args.max_train_steps)
 
     # Evaluation (main process), before training; the same seeds after training.
     toy_prompts = []
@@ -433,7 +438,8 @@ def main(args):
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     denoiser.model = unet
     unlearner = Unlearner(objective, denoiser, optimizer, accelerator, lr_scheduler, args.max_grad_norm)
-    register_checkpoint_hooks(accelerator, unlearner)
+    trained_models = [unet, text_encoder] if args.train_text_encoder else [unet]
+    checkpointer = Checkpointer(accelerator, unlearner, trained_models, optimizer, lr_scheduler, None, fingerprint)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("unlearn-sd", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
@@ -447,7 +453,7 @@ def main(args):
         forget_pool = BatchPool(forget_latents, encoder_hidden_states=forget_hidden)
         keep_pool = BatchPool(keep_latents, encoder_hidden_states=keep_hidden)
 
-    start_step = resume_from_checkpoint(accelerator, unlearner, args.output_dir, args.resume_from_checkpoint)
+    start_step, validation_history = checkpointer.load(resume_path) if resume_path else (0, [])
 
     def validate(step):
         """Generations for the validation prompt and their memorization rate, every --validation_steps."""
@@ -476,7 +482,8 @@ def main(args):
         accelerator, unlearner, forget_pool, keep_pool,
         output_dir=args.output_dir, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
         seed=args.seed, start_step=start_step, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
+        checkpointer=checkpointer, checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit, validation_history=validation_history,
         validation_steps=args.validation_steps, validate=validate,
     )
 

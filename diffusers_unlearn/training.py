@@ -14,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -23,7 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .objectives import available_objectives, get_objective, hyperparameters_from_flags
-from .unlearner import BatchPool, Unlearner, load_trainable_state, save_trainable_state, step_generator
+from .checkpoints import (
+    Checkpointer,
+    find_resume_checkpoint,
+    list_checkpoints,
+    run_fingerprint,
+)
+from .unlearner import BatchPool, Unlearner, step_generator
 
 logger = logging.getLogger(__name__)
 
@@ -112,89 +120,45 @@ def save_pipeline_into(pipeline, output_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Resuming: which checkpoint, and is it this run's
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Finished `checkpoint-<step>` folders in `output_dir`, oldest first (temporary `.tmp` folders excluded)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda d: int(d.split("-", 1)[1]))
+def check_resume_argument(args: argparse.Namespace) -> None:
+    """Parse-time check of `--resume_from_checkpoint` (before any model loads): the folder exists and holds
+    only a diffusers-unlearn checkpoint's files."""
+    if args.resume_from_checkpoint:
+        find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
 
-def trainable_weights_name(index: int) -> str:
-    return "trainable_weights.safetensors" if index == 0 else f"trainable_weights_{index}.safetensors"
+def items_digest(items) -> dict[str, Any]:
+    """Count and SHA-256 of a data set's items (pixel hashes, prompts, labels), for run fingerprints."""
+    digest = hashlib.sha256()
+    labels = items.labels.tolist() if items.labels is not None else [None] * len(items)
+    texts = items.texts if items.texts is not None else [None] * len(items)
+    for pixel_hash, text, label in zip(items.hashes, texts, labels):
+        digest.update(json.dumps([pixel_hash, text, label]).encode())
+    return {"count": len(items), "sha256": digest.hexdigest()}
 
 
-def register_checkpoint_hooks(accelerator, unlearner: Unlearner, ema=None) -> None:
-    """Checkpoints hold only the trainable weights of each prepared model (the frozen base never changes),
-    the optimizer, LR scheduler and RNG states (accelerate), the unlearner's step count and combiner state, and
-    the EMA weights."""
+def script_fingerprint(args: argparse.Namespace, objective, forget, keep, **extra: Any) -> dict[str, Any]:
+    """The fingerprint both scripts store in their checkpoints: what decides the trained weights.
 
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for index, model in enumerate(models):
-                save_trainable_state(accelerator.unwrap_model(model), output_dir, trainable_weights_name(index))
-        while weights:
-            weights.pop()
-
-    def load_model_hook(models, input_dir):
-        for index in range(len(models)):
-            load_trainable_state(accelerator.unwrap_model(models[index]), input_dir, trainable_weights_name(index))
-        while models:
-            models.pop()
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-    accelerator.register_for_checkpointing(unlearner)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int] = None) -> str:
-    """accelerate state into `checkpoint-<step>`: written under a temporary name, then renamed, so a crash never
-    leaves a half-written checkpoint behind. Keeps at most `total_limit` checkpoints (oldest removed first)."""
-    if accelerator.is_main_process and total_limit is not None:
-        existing = list_checkpoints(output_dir)
-        while existing and len(existing) >= total_limit:
-            shutil.rmtree(os.path.join(output_dir, existing.pop(0)))
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        logger.info(f"Saved {final}")
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resume_from_checkpoint(accelerator, unlearner: Unlearner, output_dir: str, checkpoint: Optional[str]) -> int:
-    """Load `checkpoint` (a folder, or "latest" in `output_dir`); returns the optimizer step to continue from.
-
-    Because every batch and noise draw comes from `step_generator(seed, step, ...)`, the resumed run draws
-    exactly what an uninterrupted run would have.
+    `--max_train_steps` is not part of it, so a finished run can be continued for more steps.
     """
-    if not checkpoint:
-        return 0
-    path = checkpoint
-    if checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            logger.info("No checkpoint found; starting a new run.")
-            return 0
-        path = os.path.join(output_dir, found[-1])
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--resume_from_checkpoint {path} does not exist.")
-    accelerator.load_state(path)
-    logger.info(f"Resumed from {path} at step {unlearner.optimizer_steps}.")
-    return unlearner.optimizer_steps
+    lora = None
+    if args.train_mode == "lora":
+        lora = {"rank": args.rank, "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets}
+    return run_fingerprint(
+        method=args.method, hyperparameters=objective.hyperparameters(),
+        forget_items=items_digest(forget), keep_items=items_digest(keep) if keep is not None else None,
+        base_model=str(args.pretrained_model_name_or_path), revision=args.revision, variant=args.variant,
+        train_mode=args.train_mode, lora=lora, seed=args.seed, train_batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps, max_grad_norm=args.max_grad_norm,
+        use_8bit_adam=args.use_8bit_adam, mixed_precision=args.mixed_precision,
+        num_processes=int(os.environ.get("WORLD_SIZE", "1")), **extra,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,8 +180,10 @@ def run_unlearning_loop(
     seed: int,
     start_step: int = 0,
     gradient_accumulation_steps: int = 1,
+    checkpointer: Optional[Checkpointer] = None,
     checkpointing_steps: Optional[int] = None,
     checkpoints_total_limit: Optional[int] = None,
+    validation_history: Optional[list[dict[str, Any]]] = None,
     validation_steps: Optional[int] = None,
     validate: Optional[Callable[[int], dict[str, Any]]] = None,
     after_optimizer_step: Optional[Callable[[int], None]] = None,
@@ -228,14 +194,15 @@ def run_unlearning_loop(
     Each optimizer step draws its batches and noise from `step_generator(seed, step, micro_batch, rank)`.
     `validate(step)` runs on the main process every `validation_steps` (never every step, and not at the last
     step, which the scripts evaluate in full); `after_optimizer_step(step)` runs on every process (EMA updates).
-    A checkpoint is written every `checkpointing_steps`.
+    With a `checkpointer`, a checkpoint (holding the validation history so far) is written every
+    `checkpointing_steps`. A resumed run passes the history its checkpoint held as `validation_history`.
     """
     progress = tqdm(
         range(start_step, max_train_steps), initial=start_step, total=max_train_steps,
         disable=not accelerator.is_local_main_process, desc=desc,
     )
     device = accelerator.device
-    history = []
+    history = list(validation_history or [])
     step = start_step
     while step < max_train_steps:
         for micro in range(gradient_accumulation_steps):
@@ -252,13 +219,13 @@ def run_unlearning_loop(
         progress.set_postfix(**{k: round(v, 4) for k, v in out.logs.items() if k in PROGRESS_KEYS})
         accelerator.log(out.logs, step=step)
 
-        if checkpointing_steps and step % checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, step, checkpoints_total_limit)
         if (
             validate is not None and validation_steps and step % validation_steps == 0
             and step < max_train_steps and accelerator.is_main_process
         ):
             history.append(validate(step))
+        if checkpointer is not None and checkpointing_steps and step % checkpointing_steps == 0:
+            checkpointer.save(output_dir, step, history, checkpoints_total_limit)
     progress.close()
     accelerator.wait_for_everyone()
     return history
@@ -345,11 +312,11 @@ __all__ = [
     "save_pipeline_into",
     "add_method_arguments",
     "check_method_arguments",
+    "check_resume_argument",
+    "items_digest",
     "list_checkpoints",
+    "script_fingerprint",
     "print_summary",
-    "register_checkpoint_hooks",
-    "resume_from_checkpoint",
     "run_unlearning_loop",
-    "save_checkpoint",
     "train_adapter",
 ]
