@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .fileio import atomic_write
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -35,18 +36,9 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, scale: int = 1, pad
     return grid
 
 
-def save_image_atomic(image: Image.Image, path: str) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> None:
+    """Save `image` as a PNG at `path` atomically, with the same permissions as every other output."""
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
 
 
 def grid_array(image: Image.Image) -> np.ndarray:
