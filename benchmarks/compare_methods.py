@@ -59,7 +59,8 @@ def parse_args():
 
 
 def run(flags: list[str], reuse: bool = False) -> dict:
-    args = train_unlearn_ddpm.parse_args(flags)
+    # A rerun replaces an earlier result in the same folder (unless --reuse keeps it).
+    args = train_unlearn_ddpm.parse_args([*flags, "--overwrite_output_dir"])
     path = os.path.join(args.output_dir, "unlearning_report.json")
     if not (reuse and os.path.exists(path)):
         train_unlearn_ddpm.main(args)

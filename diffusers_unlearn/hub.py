@@ -1,33 +1,15 @@
-"""Model cards that carry the unlearning report, atomic file writes, and Hub upload."""
+"""Model cards that carry the unlearning report, and the Hub: repo creation before training, upload after it."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-import tempfile
-from typing import Any, Optional
+from typing import Optional
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see either the old file or the complete new one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+from .errors import UserInputError
+from .fileio import atomic_write_json, atomic_write_text  # re-exported: the scripts import them from here
+from .outputs import MANIFEST_NAME, run_files
 
 
 def _format(value) -> str:
@@ -66,8 +48,12 @@ def write_model_card(
     images: Optional[dict[str, str]] = None,
     is_adapter: bool = True,
     text_to_image: bool = False,
+    into: Optional[str] = None,
 ) -> str:
     """Write `README.md` in `output_dir`: what was forgotten, how, and the measured effect.
+
+    `into` writes the card into another folder (the scripts' staging folder) while its loading example still
+    names `output_dir` (or `repo_id`).
 
     Example:
         >>> write_model_card("out", report, base_model="my-org/ddpm-digits")  # doctest: +SKIP
@@ -131,21 +117,88 @@ Hyperparameters: `{json.dumps(report.get('hyperparameters', {}), sort_keys=True)
     if text_to_image:
         tags += ["stable-diffusion", "text-to-image"]
     card = populate_model_card(card, tags=tags)
-    path = os.path.join(output_dir, "README.md")
+    path = os.path.join(into or output_dir, "README.md")
     atomic_write_text(path, str(card))
     return path
 
 
-def push_folder(output_dir: str, repo_id: Optional[str], token: Optional[str], commit_message: str) -> str:
-    """Create the repo if needed and upload the output folder (checkpoints excluded)."""
-    from huggingface_hub import create_repo, upload_folder
+def check_hub_arguments(report_to: str, hub_token: Optional[str]) -> None:
+    """Refuse `--hub_token` with a wandb tracker: the scripts log their arguments as the tracker's config, so
+    the token would be stored in the wandb run. Log in with `hf auth login` instead (as diffusers' scripts say)."""
+    if hub_token and report_to in ("wandb", "all"):
+        raise UserInputError(
+            f"--hub_token cannot be combined with --report_to {report_to}: the token would be logged to wandb with "
+            "the run's arguments. Log in with `hf auth login` (or set HF_TOKEN) and drop --hub_token."
+        )
 
-    repo_id = create_repo(repo_id or os.path.basename(os.path.abspath(output_dir)), exist_ok=True, token=token).repo_id
+
+_HTTP_LIBRARIES = {"requests", "urllib3", "httpx", "httpx2", "httpcore"}
+
+
+def create_hub_repo(repo_id: str, token: Optional[str]) -> str:
+    """Create the Hub model repo `repo_id` if it does not exist and return its full id ("user/name").
+
+    The scripts call it before any training (as diffusers' scripts do), so a bad token or repo id fails at once;
+    the error becomes a `UserInputError`.
+    """
+    from huggingface_hub import create_repo
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+
+    try:
+        return create_repo(repo_id=repo_id, exist_ok=True, token=token).repo_id
+    except Exception as error:
+        # A bad id, a bad or missing token, HF_HUB_OFFLINE or no network: the user's to fix, not bugs. The
+        # offline and missing-token errors are OSErrors; connection errors come from the HTTP library that this
+        # huggingface_hub version uses.
+        user_side = isinstance(error, (HFValidationError, HfHubHTTPError, OSError))
+        if not user_side and type(error).__module__.partition(".")[0] not in _HTTP_LIBRARIES:
+            raise
+        raise UserInputError(
+            f"--push_to_hub: cannot create or open the Hub repo {repo_id!r}: {str(error).rstrip('.')}. Check "
+            "--hub_model_id and --hub_token (or `hf auth login`), and that the Hub can be reached."
+        ) from None
+
+
+def push_folder(output_dir: str, repo_id: str, token: Optional[str], commit_message: str) -> list[str]:
+    """Upload the finished run in `output_dir` to the existing Hub repo `repo_id` (see `create_hub_repo`) and
+    return the uploaded paths.
+
+    Only the files of the run's manifest are uploaded (adapter or pipeline, report, card, sample grids): never
+    checkpoints, logs, the lock, or staging and temporary files. Upload checkpoints yourself if you want them
+    on the Hub (`hf upload <repo> <output_dir>/checkpoint-<step> checkpoint-<step>`).
+    """
+    from huggingface_hub import upload_folder
+
+    entries = run_files(output_dir)
+    if not entries:
+        raise UserInputError(f"{output_dir} holds no finished run to upload (no {MANIFEST_NAME}).")
+    paths = []
+    for name in entries:
+        full = os.path.join(output_dir, name)
+        if os.path.isdir(full):
+            for root, _, files in os.walk(full):
+                paths += [os.path.relpath(os.path.join(root, f), output_dir).replace(os.sep, "/") for f in files]
+        else:
+            paths.append(name)
+    paths.sort()
     upload_folder(
         repo_id=repo_id,
         folder_path=output_dir,
         commit_message=commit_message,
-        ignore_patterns=["step_*", "epoch_*", "checkpoint-*", ".tmp-*"],
+        # Exact paths (glob characters escaped): upload_folder matches allow_patterns with fnmatch.
+        allow_patterns=[glob.escape(path) for path in paths],
         token=token,
     )
-    return repo_id
+    return paths
+
+
+__all__ = [
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_hub_arguments",
+    "create_hub_repo",
+    "metrics_table",
+    "prompt_table",
+    "push_folder",
+    "write_model_card",
+]
