@@ -5,7 +5,8 @@ names the problem and the fix. Both training scripts use these functions.
 
 Every image is identified by the SHA-256 of its decoded pixels at the training resolution
 (uint8, channels-first, with the shape in the hash), so the same picture in two files, or in a
-folder and a dataset, is recognised as the same item.
+folder and a dataset, is recognised as the same item. The same picture in another encoding (a JPEG
+copy) hashes differently; `remove_overlap` finds it by pixel distance at that resolution.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,15 +25,21 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-# Files an image folder may hold besides images.
-METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.json")
+# The one file an image folder (or any of its subfolders) may hold besides images.
+METADATA_FILE = "metadata.jsonl"
 TOY_DATASET = "toy-digits"
+#: Default near-duplicate distance as an RMS pixel difference ([0, 1] units). JPEG at quality 50-95 moves a
+#: photo or a digit by 0.004-0.043 RMS at the model resolution; the closest two distinct digits of
+#: sklearn's 1,797 are 0.041 apart, distinct photos much further.
+NEAR_DUPLICATE_RMS = 0.04
 
 
-class DataError(ValueError):
+class DataError(UserInputError):
     """Bad forget/keep input, found before training starts."""
 
 
@@ -95,22 +104,162 @@ def _to_tensor(
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _read_metadata(folder: Path) -> dict[str, dict]:
-    path = folder / "metadata.jsonl"
-    if not path.exists():
-        return {}
-    rows = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of every line of a UTF-8 text file (a leading byte-order mark is dropped).
+
+    Decoded line by line, so a byte that is not UTF-8 is reported with its line instead of as a traceback.
+    """
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{path}, line {number}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1}). "
+                "Save the file as UTF-8."
+            ) from None
+        lines.append((number, text.lstrip("\ufeff") if number == 1 else text))
+    return lines
+
+
+def _check_label(value: object, where: str) -> Optional[int]:
+    """A metadata label as a class id: an integer, or a string of one; None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise DataError(f"{where}: 'label' must be an integer class id, got {json.dumps(value)}.")
+
+
+def _read_metadata(path: Path, folder: Path) -> dict[str, dict]:
+    """Rows of one metadata.jsonl, keyed by image path relative to `folder` (the rows' `file_name` is relative
+    to the metadata file's own folder, as in `datasets`' imagefolder)."""
+    rows: dict[str, dict] = {}
+    for number, line in _read_lines(path):
         if not line.strip():
             continue
+        where = f"{path}, line {number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-        if "file_name" not in row:
-            raise DataError(f"{path}, line {number}: every row needs a 'file_name' field.")
-        rows[row["file_name"]] = row
+            raise DataError(f"{where}: not valid JSON ({error.msg}).") from None
+        if not isinstance(row, dict):
+            raise DataError(f'{where}: each line must be a JSON object like {{"file_name": "a.png", "text": "..."}}.')
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{where}: every row needs a 'file_name' field.")
+        text = row.get("text")
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"{where}: 'text' must be a string, got {json.dumps(text)}.")
+        row = {**row, "label": _check_label(row.get("label"), where)}
+        key = Path(os.path.normpath(path.parent.relative_to(folder) / name)).as_posix()
+        if key in rows:
+            raise DataError(f"{where}: {name} already has a row; give each image one row.")
+        rows[key] = row
     return rows
+
+
+def _open_image(path: Path) -> Image.Image:
+    """PIL's lazy open (it reads the header only), every failure turned into a `DataError` naming the file."""
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that, yet such an image costs gigabytes to decode.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DataError(
+            f"Image {path} is too large to load safely ({error}). Downscale it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DataError(f"Cannot read image {path}: {error}. Replace or remove the file.") from None
+
+
+def _load_image(
+    path: Path, resolution: int, channels: int, name: str, notices: list[str], center_crop: bool
+) -> torch.Tensor:
+    """An image file as (C, H, W) in [-1, 1] at the model resolution; unreadable pixels name the file."""
+    with _open_image(path) as image:
+        try:
+            image.load()
+        except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+            raise DataError(f"Cannot read image {path}: {error}. Replace or remove the file.") from None
+        return _to_tensor(image, resolution, channels, name, notices, center_crop)
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, subfolders (and linked subfolders) included; hidden files and folders (".*")
+    are skipped."""
+    found, visited = [], set()
+    for root, subfolders, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in visited:  # a link back up the tree: read each folder once
+            subfolders[:] = []
+            continue
+        visited.add(os.path.realpath(root))
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # .git, .ipynb_checkpoints
+        found += [Path(root) / name for name in files if not name.startswith(".")]
+    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
+
+
+def check_image_folder(
+    folder: str | os.PathLike, what: str = "forget", require_text: bool = False
+) -> list[tuple[Path, dict]]:
+    """Check an image folder without decoding any pixels; returns (image path, metadata row) pairs in order.
+
+    Like `datasets`' imagefolder, images in subfolders are read too, and a metadata.jsonl in any folder gives
+    `file_name` (relative to that metadata file), and optionally `text` (a prompt) and `label` (a class id) for
+    its images. Raises `DataError` for a missing or empty folder, a file that is neither an image nor
+    metadata.jsonl, metadata that does not parse or names missing files, an image whose header PIL cannot read
+    or that exceeds PIL's decompression-bomb limit, and, with `require_text`, an image without a prompt.
+
+    Example:
+        >>> items = check_image_folder("forget/", "forget", require_text=True)  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    flag = f"--{what}_data_dir"
+    if not folder.is_dir():
+        raise DataError(f"{flag} {folder} does not exist or is not a directory.")
+    files = _folder_files(folder)
+
+    def relative(path: Path) -> str:
+        return path.relative_to(folder).as_posix()
+
+    bad = [relative(p) for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS and p.name != METADATA_FILE]
+    if bad:
+        raise DataError(
+            f"{flag} {folder} holds files that are not images: {', '.join(bad[:10])}"
+            f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}. Remove them; accepted: images "
+            f"({', '.join(IMAGE_EXTENSIONS)}) and {METADATA_FILE} (one JSON object per line)."
+        )
+    image_files = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not image_files:
+        raise DataError(f"{flag} {folder} contains no images ({', '.join(IMAGE_EXTENSIONS)}).")
+
+    metadata: dict[str, dict] = {}
+    for path in (p for p in files if p.name == METADATA_FILE):
+        rows = _read_metadata(path, folder)
+        unknown = sorted(set(rows) - {relative(p) for p in image_files})
+        if unknown:
+            raise DataError(f"{path} names files that do not exist: {', '.join(unknown[:5])}.")
+        repeated = sorted(set(rows) & set(metadata))
+        if repeated:
+            raise DataError(f"{path} repeats rows of another metadata file for: {', '.join(repeated[:5])}.")
+        metadata.update(rows)
+
+    items = []
+    for path in image_files:
+        row = metadata.get(relative(path), {})
+        text = row.get("text")
+        if require_text and not (isinstance(text, str) and text.strip()):
+            raise DataError(
+                f"{relative(path)} in {folder} has no prompt: add a line "
+                f'{{"file_name": "{relative(path)}", "text": "..."}} to {folder}/{METADATA_FILE}.'
+            )
+        _open_image(path).close()
+        items.append((path, row))
+    return items
 
 
 def load_image_folder(
@@ -121,49 +270,18 @@ def load_image_folder(
     require_text: bool = False,
     center_crop: bool = False,
 ) -> ImageSet:
-    """Load every image of a folder (an imagefolder: optional metadata.jsonl with `file_name`
-    and `text` or `label`).
+    """Load every image of a folder and its subfolders (an imagefolder: optional metadata.jsonl with
+    `file_name` and `text` or `label`).
 
-    Raises `DataError` for a missing or empty folder, a non-image file or an unreadable image
-    (naming the file), and, with `require_text`, an image without a prompt. Images of another
-    size or channel count are converted, and each conversion is recorded in `notices`.
+    Everything `check_image_folder` checks is checked first; a file whose pixels cannot be decoded raises
+    `DataError` naming it. Images of another size or channel count are converted, and each conversion is
+    recorded in `notices`. `labels` is set only when every image has one.
     """
     folder = Path(folder)
-    flag = f"--{what}_data_dir"
-    if not folder.is_dir():
-        raise DataError(f"{flag} {folder} does not exist or is not a directory.")
-    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    bad = [p.name for p in files if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS + (".jsonl", ".csv", ".json")]
-    bad += [p.name for p in files if p.suffix.lower() in (".jsonl", ".csv", ".json") and p.name not in METADATA_FILES]
-    if bad:
-        raise DataError(
-            f"{flag} {folder} holds files that are not images: {', '.join(sorted(bad))}. "
-            f"Remove them; accepted images: {', '.join(IMAGE_EXTENSIONS)} (plus metadata.jsonl)."
-        )
-    image_files = [p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not image_files:
-        raise DataError(f"{flag} {folder} contains no images ({', '.join(IMAGE_EXTENSIONS)}).")
-
-    metadata = _read_metadata(folder)
-    unknown = sorted(set(metadata) - {p.name for p in image_files})
-    if unknown:
-        raise DataError(f"{folder}/metadata.jsonl names files that do not exist: {', '.join(unknown[:5])}.")
     notices: list[str] = []
     images, names, labels, texts = [], [], [], []
-    for path in image_files:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                tensor = _to_tensor(image, resolution, channels, path.name, notices, center_crop)
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise DataError(f"Cannot read image {path}: {error}. Replace or remove the file.") from None
-        row = metadata.get(path.name, {})
-        if require_text and not str(row.get("text", "")).strip():
-            raise DataError(
-                f"{path.name} in {folder} has no prompt: add a line "
-                f'{{"file_name": "{path.name}", "text": "..."}} to {folder}/metadata.jsonl.'
-            )
-        images.append(tensor)
+    for path, row in check_image_folder(folder, what, require_text):
+        images.append(_load_image(path, resolution, channels, path.relative_to(folder).as_posix(), notices, center_crop))
         names.append(str(path))
         labels.append(row.get("label"))
         texts.append(row.get("text"))
@@ -174,7 +292,7 @@ def load_image_folder(
         stacked,
         [pixel_hash(image) for image in stacked],
         names,
-        torch.tensor([int(label) for label in labels]) if has_labels else None,
+        torch.tensor(labels) if has_labels else None,
         texts if has_texts else None,
         notices,
     )
@@ -280,17 +398,84 @@ def deduplicate(data: ImageSet, what: str = "forget") -> ImageSet:
     return result
 
 
-def remove_overlap(keep: ImageSet, forget: ImageSet) -> ImageSet:
-    """Drop every keep item whose hash equals a forget item's, with a notice."""
+def default_near_duplicate_distance(image_shape: Sequence[int]) -> float:
+    """The default `--near_duplicate_distance` for images of shape (C, H, W): an RMS pixel difference of
+    `NEAR_DUPLICATE_RMS`, as a pixel L2 distance in [0, 1] units (the units of the memorization threshold).
+
+    Example:
+        >>> round(default_near_duplicate_distance((1, 8, 8)), 3)    # 0.04 * sqrt(64)
+        0.32
+    """
+    return NEAR_DUPLICATE_RMS * math.sqrt(math.prod(image_shape))
+
+
+def _forget_to_keep(forget: ImageSet, keep: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each keep item, the pixel L2 distance ([0, 1] units) to its nearest forget item, and that item."""
+    from .metrics.memorization import nearest_distances
+
+    # Small blocks: a block is converted to float64, and a 512x512 RGB image alone is 6 MB there.
+    return nearest_distances(keep.images, forget.images, batch_size=16, return_indices=True)
+
+
+def remove_overlap(keep: ImageSet, forget: ImageSet, near_duplicate_distance: Optional[float] = None) -> ImageSet:
+    """Drop every keep item that is a forget item: the same SHA-256, or a near-duplicate (pixel L2 in [0, 1]
+    units below `near_duplicate_distance` at the model resolution, such as the same picture saved as JPEG).
+    Each removal is recorded in `notices`.
+
+    `near_duplicate_distance` defaults to `default_near_duplicate_distance`; 0 removes exact copies only.
+    A near-duplicate left in the keep set would teach the model to keep the image it should forget, and would
+    shrink the memorization threshold derived from the keep set (`memorization_threshold_from_keep`) to nothing.
+    """
+    if near_duplicate_distance is None:
+        near_duplicate_distance = default_near_duplicate_distance(forget.images.shape[1:])
+    if near_duplicate_distance < 0:
+        raise DataError(f"--near_duplicate_distance must be >= 0, got {near_duplicate_distance}.")
     forget_hashes = set(forget.hashes)
-    index = [i for i, digest in enumerate(keep.hashes) if digest not in forget_hashes]
+    exact = [digest in forget_hashes for digest in keep.hashes]
+    near = [False] * len(keep)
+    details = []
+    if near_duplicate_distance > 0 and len(keep):
+        distances, nearest = _forget_to_keep(forget, keep)
+        for i in range(len(keep)):
+            if not exact[i] and distances[i] < near_duplicate_distance:
+                near[i] = True
+                details.append(f"{keep.names[i]} ({float(distances[i]):.3g} from {forget.names[int(nearest[i])]})")
+    index = [i for i in range(len(keep)) if not exact[i] and not near[i]]
     result = keep.subset(index)
-    removed = len(keep) - len(index)
-    if removed:
-        result.notices.append(f"keep set: removed {removed} item(s) that are also in the forget set (same SHA-256).")
+    if any(exact):
+        result.notices.append(f"keep set: removed {sum(exact)} item(s) that are also in the forget set (same SHA-256).")
+    if details:
+        result.notices.append(
+            f"keep set: removed {len(details)} near-duplicate(s) of forget items (pixel L2 < "
+            f"{near_duplicate_distance:.3g}, --near_duplicate_distance): {', '.join(details[:5])}"
+            f"{f' and {len(details) - 5} more' if len(details) > 5 else ''}."
+        )
     if not index:
         raise DataError("The keep set is empty after removing the forget items; give a larger keep set.")
     return result
+
+
+def memorization_threshold_from_keep(forget: ImageSet, keep: ImageSet) -> float:
+    """Half the smallest forget-to-keep pixel L2 distance ([0, 1] units): a generation closer than that to a
+    forget image is closer to it than any keep image is, so it counts as a copy.
+
+    Raises `DataError` naming the two images when a keep image lies within `default_near_duplicate_distance`
+    of a forget image (possible only when near-duplicate removal was turned off or narrowed): half of that
+    distance would count no generation as a copy, and the report would show memorization 0 before and after.
+
+    Example:
+        >>> threshold = memorization_threshold_from_keep(forget, remove_overlap(keep, forget))  # doctest: +SKIP
+    """
+    distances, nearest = _forget_to_keep(forget, keep)
+    closest = int(distances.argmin())
+    distance = float(distances[closest])
+    if distance < default_near_duplicate_distance(forget.images.shape[1:]):
+        raise DataError(
+            f"The default memorization threshold would be {0.5 * distance:.3g}, too small to count any copy: keep "
+            f"image {keep.names[closest]} is only {distance:.3g} from forget image {forget.names[int(nearest[closest])]}. "
+            "Remove it from the keep set (see --near_duplicate_distance) or pass --memorization_threshold."
+        )
+    return 0.5 * distance
 
 
 def filter_far_from(
@@ -328,6 +513,27 @@ def log_notices(data: ImageSet, log=logger.info) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_prompted_images(image_paths: Sequence[str], prompts: Sequence[str], what: str = "forget") -> None:
+    """Check `--forget_images` with `--forget_prompts` without decoding any pixels.
+
+    Raises `DataError` when the counts differ, a prompt is empty, or a file is missing, not an image, or over
+    PIL's decompression-bomb limit.
+    """
+    if len(image_paths) != len(prompts):
+        raise DataError(
+            f"--{what}_images has {len(image_paths)} file(s) but --{what}_prompts has {len(prompts)} prompt(s); "
+            "give exactly one prompt per image, in the same order."
+        )
+    if not image_paths:
+        raise DataError(f"--{what}_images is empty.")
+    for path, prompt in zip(image_paths, prompts):
+        if not str(prompt).strip():
+            raise DataError(f"The prompt for {path} is empty; every --{what}_images file needs a prompt.")
+        if not os.path.isfile(path):
+            raise DataError(f"--{what}_images: {path} does not exist.")
+        _open_image(Path(path)).close()
+
+
 def load_prompted_images(
     image_paths: Sequence[str],
     prompts: Sequence[str],
@@ -338,28 +544,14 @@ def load_prompted_images(
 ) -> ImageSet:
     """Images given one by one with one prompt each (`--forget_images` with `--forget_prompts`).
 
-    Raises `DataError` when the counts differ, a prompt is empty, or a file is missing or not an image.
+    Everything `check_prompted_images` checks is checked first; a file whose pixels cannot be decoded raises
+    `DataError` naming it.
     """
-    if len(image_paths) != len(prompts):
-        raise DataError(
-            f"--{what}_images has {len(image_paths)} file(s) but --{what}_prompts has {len(prompts)} prompt(s); "
-            "give exactly one prompt per image, in the same order."
-        )
-    if not image_paths:
-        raise DataError(f"--{what}_images is empty.")
+    check_prompted_images(image_paths, prompts, what)
     notices: list[str] = []
-    images = []
-    for path, prompt in zip(image_paths, prompts):
-        if not str(prompt).strip():
-            raise DataError(f"The prompt for {path} is empty; every --{what}_images file needs a prompt.")
-        if not os.path.isfile(path):
-            raise DataError(f"--{what}_images: {path} does not exist.")
-        try:
-            with Image.open(path) as image:
-                image.load()
-                images.append(_to_tensor(image, resolution, channels, os.path.basename(path), notices, center_crop))
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise DataError(f"Cannot read image {path}: {error}. Replace or remove the file.") from None
+    images = [
+        _load_image(Path(path), resolution, channels, os.path.basename(path), notices, center_crop) for path in image_paths
+    ]
     stacked = torch.stack(images)
     return ImageSet(stacked, [pixel_hash(im) for im in stacked], [str(p) for p in image_paths], None, [str(p) for p in prompts], notices)
 
@@ -367,12 +559,16 @@ def load_prompted_images(
 def read_prompts_file(path: str | os.PathLike, field: str = "caption") -> list[str]:
     """Prompts from a JSON-lines file with a `caption` field per line (the format of the public list of
     memorized LAION prompts, and of `python -m diffusers_unlearn.scan`'s output), or a plain text file with one
-    prompt per line. Blank lines are skipped; duplicates are kept once, in order."""
+    prompt per line. Blank lines are skipped; duplicates are kept once, in order.
+
+    Raises `DataError` naming the file and line for a line that is not UTF-8 or not valid JSON, and for a
+    JSON line whose `field` is missing, empty or not a string (`{"caption": null}` is an error, not "None").
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Prompts file {path} does not exist.")
     prompts: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in _read_lines(path):
         line = line.strip()
         if not line:
             continue
@@ -381,9 +577,12 @@ def read_prompts_file(path: str | os.PathLike, field: str = "caption") -> list[s
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-            if not str(row.get(field, "")).strip():
+            if field not in row:
                 raise DataError(f"{path}, line {number}: no {field!r} field; each JSON line needs one.")
-            line = str(row[field]).strip()
+            value = row[field]
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{path}, line {number}: {field!r} must be a non-empty string, got {json.dumps(value)}.")
+            line = value.strip()
         if line not in prompts:
             prompts.append(line)
     if not prompts:
