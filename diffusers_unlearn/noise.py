@@ -1,10 +1,14 @@
 """Noise-schedule quantities, prediction-type conversions and the per-sample denoising loss.
 
-Every objective in this package works in epsilon space: whatever a model predicts
-(`epsilon`, `v_prediction` or `sample`), its output is converted to an estimate of the
-noise before any loss is taken. The forward process is
+The forward process is
 
     x_t = gamma_t * x_0 + sigma_t * eps,   gamma_t = sqrt(alpha_bar_t),  sigma_t = sqrt(1 - alpha_bar_t).
+
+Losses are taken in a *loss space*: "native" (the default) regresses the model's own output onto a target of
+its own prediction type (epsilon, v or x_0), which makes a plain fine-tuning loss exactly the model's official
+training loss; "epsilon" converts every output to a noise estimate first, which weights each timestep by
+gamma_t^2 relative to the v-loss of a v-prediction model. Targets are built from the noisy input and the clean
+item (`target`), and the prediction is never converted in native space.
 """
 
 from __future__ import annotations
@@ -15,6 +19,13 @@ from typing import Optional
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOSS_SPACES = ("native", "epsilon")
+
+
+def check_loss_space(loss_space: str) -> str:
+    if loss_space not in LOSS_SPACES:
+        raise ValueError(f"Unknown loss_space {loss_space!r}; expected one of {LOSS_SPACES}.")
+    return loss_space
 
 
 @dataclass
@@ -108,6 +119,38 @@ class NoiseSchedule:
         if self.prediction_type == "v_prediction":
             return (epsilon - sigma * x_t) / gamma
         return (x_t - sigma * epsilon) / gamma
+
+    def target(
+        self, x_t: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor, loss_space: str = "native"
+    ) -> torch.Tensor:
+        """What the model should output at `x_t` if `x_t` was made from the clean item `x0`, in `loss_space`.
+
+        Built from (x_t, x0) directly, without dividing by gamma_t: epsilon = (x_t - gamma x0) / sigma,
+        v = gamma eps - sigma x0 = (gamma x_t - x0) / sigma, sample = x0. Taken in float32 at least.
+
+        Example:
+            >>> schedule = NoiseSchedule(torch.linspace(0.99, 0.01, 10), "v_prediction")
+            >>> x0, eps, t = torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([5])
+            >>> torch.allclose(schedule.target(schedule.add_noise(x0, eps, t), x0, t), schedule.gamma[5].float() * eps)
+            True
+        """
+        check_loss_space(loss_space)
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        x_t, x0 = x_t.to(dtype), x0.to(dtype)
+        gamma, sigma = self.coefficients(timesteps, x_t)
+        kind = "epsilon" if loss_space == "epsilon" else self.prediction_type
+        if kind == "epsilon":
+            return (x_t - gamma * x0) / sigma
+        if kind == "v_prediction":
+            return (gamma * x_t - x0) / sigma
+        return x0
+
+    def output_in_space(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor, loss_space: str = "native"
+    ) -> torch.Tensor:
+        """The model output as compared in `loss_space`: unchanged in native space, a noise estimate in epsilon."""
+        check_loss_space(loss_space)
+        return model_output if loss_space == "native" else self.to_epsilon(model_output, x_t, timesteps)
 
 
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

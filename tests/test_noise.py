@@ -66,10 +66,11 @@ class AsPrediction(torch.nn.Module):
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 @pytest.mark.parametrize("method", available_objectives())
-def test_equivalent_models_give_the_same_loss_terms(method, prediction_type):
+def test_equivalent_models_give_the_same_loss_terms_in_epsilon_space(method, prediction_type):
     denoiser, forget, keep = batches("unconditional")
+    denoiser.loss_space = "epsilon"
     other_schedule = schedule(prediction_type)
-    other = Denoiser(AsPrediction(denoiser.model, other_schedule), other_schedule)
+    other = Denoiser(AsPrediction(denoiser.model, other_schedule), other_schedule, loss_space="epsilon")
 
     terms = []
     for d in (denoiser, other):
@@ -81,3 +82,60 @@ def test_equivalent_models_give_the_same_loss_terms(method, prediction_type):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_targets_from_the_noisy_input_match_the_definitions(prediction_type):
+    s = schedule(prediction_type)
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(5, 1, 8, 8, generator=g), torch.randn(5, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 500, 998, 999])
+    x_t = s.add_noise(x0, eps, t)
+    gamma, sigma = s.coefficients(t, x0)
+    expected = {"epsilon": eps, "v_prediction": gamma * eps - sigma * x0, "sample": x0}[prediction_type]
+    torch.testing.assert_close(s.target(x_t, x0, t), expected, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(s.target(x_t, x0, t, "epsilon"), eps, atol=2e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="loss_space"):
+        s.target(x_t, x0, t, "v")
+
+
+def test_native_v_loss_is_the_epsilon_loss_divided_by_alpha_bar():
+    """eps_hat - eps = gamma_t (v_hat - v): per item, the epsilon-space loss is alpha_bar_t times the v loss."""
+    denoiser, _, keep = batches("unconditional")
+    v_schedule = schedule("v_prediction")
+    native = Denoiser(denoiser.model, v_schedule)
+    epsilon = Denoiser(denoiser.model, v_schedule, loss_space="epsilon")
+    from diffusers_unlearn.objectives import denoising_loss
+
+    with torch.no_grad():
+        loss_v = denoising_loss(native, keep, torch.Generator().manual_seed(5))
+        loss_eps = denoising_loss(epsilon, keep, torch.Generator().manual_seed(5))
+    t = v_schedule.sample_timesteps(len(keep), "cpu", torch.Generator().manual_seed(5))
+    alpha_bar = v_schedule.alphas_cumprod[t].float()
+    torch.testing.assert_close(loss_eps, alpha_bar * loss_v, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(loss_eps, loss_v, rtol=1e-2)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_naive_deletion_keep_term_is_the_official_sd_training_loss(prediction_type):
+    """SD 1.5 (epsilon) and SD 2.1 (v): diffusers' train_text_to_image.py computes
+    noisy = scheduler.add_noise(latents, noise, t); target = noise or scheduler.get_velocity(latents, noise, t);
+    loss = F.mse_loss(unet(noisy, t, encoder_hidden_states).sample.float(), target.float(), reduction="mean")."""
+    import torch.nn.functional as F
+
+    denoiser, forget, keep = batches("text", batch_size=3)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction_type)
+    native = Denoiser(denoiser.model, NoiseSchedule.from_scheduler(scheduler))
+    with torch.no_grad():
+        ours = get_objective("naive_deletion")(native, forget, keep, generator=torch.Generator().manual_seed(7)).keep
+
+        g = torch.Generator().manual_seed(7)  # the same draws, in the same order: timesteps, then noise
+        latents = keep.x0
+        timesteps = torch.randint(0, 1000, (len(latents),), generator=g)
+        noise = torch.randn(latents.shape, generator=g)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        model_pred = denoiser.model(noisy, timesteps, keep.encoder_hidden_states).sample
+        official = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-6)

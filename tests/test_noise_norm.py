@@ -121,3 +121,31 @@ def test_noise_norm_scores_on_ddpm_components():
         noise_norm_scores({"unet": unet, "scheduler": scheduler}, [3])
     with pytest.raises(ValueError, match="unconditional"):
         noise_norm_scores({"unet": tiny_unet(), "scheduler": scheduler}, [0])
+
+
+class _AsVPrediction(torch.nn.Module):
+    """The same model re-expressed as a v-prediction model: v = (eps - sigma x_t) / gamma."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.unet, self.alphas_cumprod = unet, scheduler.alphas_cumprod
+
+    def forward(self, x_t, t, **kwargs):
+        from types import SimpleNamespace
+
+        eps = self.unet(x_t, t, **kwargs).sample
+        alpha_bar = self.alphas_cumprod[int(t)]
+        return SimpleNamespace(sample=(eps - (1 - alpha_bar).sqrt() * x_t) / alpha_bar.sqrt())
+
+
+def test_a_v_prediction_model_is_scored_on_its_noise_estimates(pipe):
+    """An epsilon model and its exact v-prediction twin follow the same trajectory and get the same score."""
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8)
+    cond, uncond = torch.randn(2, 77, 32), torch.randn(2, 77, 32)
+    args = ({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}, 4)
+    epsilon_scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    v_scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    score = noise_norm_along_trajectory(pipe.unet, epsilon_scheduler, latents, *args)
+    twin = noise_norm_along_trajectory(_AsVPrediction(pipe.unet, v_scheduler), v_scheduler, latents, *args)
+    torch.testing.assert_close(twin, score, rtol=1e-3, atol=1e-4)

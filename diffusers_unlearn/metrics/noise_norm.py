@@ -70,10 +70,25 @@ def noise_norm_along_trajectory(
         output = unet(model_input, t, **both)
         prediction = output.sample if hasattr(output, "sample") else output[0]
         uncond, cond = prediction.float().chunk(2)
-        total += (cond - uncond).flatten(1).norm(dim=1)
+        total += epsilon_difference_scale(scheduler, t) * (cond - uncond).flatten(1).norm(dim=1)
         guided = uncond + guidance_scale * (cond - uncond)
         sample = scheduler.step(guided.to(sample.dtype), t, sample, **step_kwargs).prev_sample
     return (total / len(timesteps)).cpu()
+
+
+def epsilon_difference_scale(scheduler, timestep) -> float:
+    """Factor turning a difference of two model outputs at the same x_t into the difference of their noise
+    estimates: 1 for epsilon models; sqrt(alpha_bar_t) for v-prediction (eps = sigma x_t + gamma v); and
+    -gamma/sigma in size for x0-prediction (eps = (x_t - gamma x0) / sigma). The score is defined on eps."""
+    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    if prediction_type == "epsilon":
+        return 1.0
+    alpha_bar = float(scheduler.alphas_cumprod[int(timestep)])
+    if prediction_type == "v_prediction":
+        return alpha_bar ** 0.5
+    if prediction_type == "sample":
+        return (alpha_bar / (1.0 - alpha_bar)) ** 0.5
+    raise ValueError(f"The noise-norm score does not know prediction_type {prediction_type!r}.")
 
 
 def _component(pipe_or_components, name: str):

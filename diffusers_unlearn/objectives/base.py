@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..noise import NoiseSchedule, per_sample_loss
+from ..noise import NoiseSchedule, check_loss_space, per_sample_loss
 
 
 @dataclass
@@ -64,29 +64,45 @@ def concat_conditioning(first: DenoisingBatch, second: DenoisingBatch) -> Denois
 
 
 class Denoiser:
-    """A UNet plus the noise schedule it was trained with; returns noise estimates.
+    """A UNet plus the noise schedule it was trained with.
 
     Works with unconditional and class-conditional `UNet2DModel`s and with
-    `UNet2DConditionModel`s, whatever their `prediction_type`.
+    `UNet2DConditionModel`s, whatever their `prediction_type`. Calling it returns a noise estimate (for
+    metrics and sampling); objectives compare `predict(...)` with `target(...)`, both in `loss_space`
+    ("native": the model's own prediction type, its official training loss; "epsilon": noise estimates).
 
     Example:
         >>> denoiser = Denoiser(unet, NoiseSchedule.from_scheduler(scheduler))
         >>> eps_hat = denoiser(x_t, timesteps, batch)
+        >>> loss = per_sample_loss(denoiser.predict(x_t, timesteps, batch), denoiser.target(x_t, batch.x0, timesteps))
     """
 
-    def __init__(self, model: torch.nn.Module, schedule: NoiseSchedule):
+    def __init__(self, model: torch.nn.Module, schedule: NoiseSchedule, loss_space: str = "native"):
         self.model = model
         self.schedule = schedule
+        self.loss_space = check_loss_space(loss_space)
 
-    def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor, batch: DenoisingBatch) -> torch.Tensor:
+    def model_output(self, x_t: torch.Tensor, timesteps: torch.Tensor, batch: DenoisingBatch) -> torch.Tensor:
+        """The model's raw output (of its own prediction type)."""
         kwargs = {}
         if batch.class_labels is not None:
             kwargs["class_labels"] = batch.class_labels
         if batch.encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = batch.encoder_hidden_states
         output = self.model(x_t, timesteps, **kwargs)
-        output = output.sample if hasattr(output, "sample") else output
-        return self.schedule.to_epsilon(output, x_t, timesteps)
+        return output.sample if hasattr(output, "sample") else output
+
+    def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor, batch: DenoisingBatch) -> torch.Tensor:
+        """The noise estimate eps_theta(x_t, t, c), whatever the prediction type."""
+        return self.schedule.to_epsilon(self.model_output(x_t, timesteps, batch), x_t, timesteps)
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, batch: DenoisingBatch) -> torch.Tensor:
+        """The model output as losses compare it (unchanged in native loss space)."""
+        return self.schedule.output_in_space(self.model_output(x_t, timesteps, batch), x_t, timesteps, self.loss_space)
+
+    def target(self, x_t: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The regression target for `x_t` made from the clean item `x0`, in this denoiser's loss space."""
+        return self.schedule.target(x_t, x0, timesteps, self.loss_space)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -109,18 +125,15 @@ def denoising_loss(
     batch: DenoisingBatch,
     generator: Optional[torch.Generator] = None,
     timestep_range: Optional[tuple[int, int]] = None,
-    target: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Per-sample ||eps_theta(gamma_t x + sigma_t eps, t, c) - eps||^2 at one random t and eps.
-
-    With `target` the prediction is compared against that tensor instead of eps.
+    """Per-sample denoising loss at x_t = gamma_t x + sigma_t eps, one random t and eps, in the denoiser's loss
+    space (native: the model's training loss; epsilon: ||eps_theta - eps||^2).
     """
     schedule = denoiser.schedule
     timesteps = schedule.sample_timesteps(len(batch), batch.x0.device, generator, timestep_range)
     noise = randn_like(batch.x0, generator)
     x_t = schedule.add_noise(batch.x0, noise, timesteps)
-    prediction = denoiser(x_t, timesteps, batch)
-    return per_sample_loss(prediction, noise if target is None else target)
+    return per_sample_loss(denoiser.predict(x_t, timesteps, batch), denoiser.target(x_t, batch.x0, timesteps))
 
 
 @dataclass

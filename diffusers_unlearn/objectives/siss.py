@@ -80,16 +80,16 @@ def _predict_for_both(
     forget_batch: DenoisingBatch,
     keep_batch: DenoisingBatch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """eps_theta(m, t, c_x) and eps_theta(m, t, c_a) with one model call.
+    """The predictions at m under c_x and c_a (in the loss space) with one model call.
 
     When keep and forget share their conditioning (unconditional models, or the same prompt)
     one prediction serves both; otherwise the batch is doubled so each term sees its own c.
     """
     if keep_batch.same_conditioning(forget_batch):
-        prediction = denoiser(m, timesteps, keep_batch)
+        prediction = denoiser.predict(m, timesteps, keep_batch)
         return prediction, prediction
     both = concat_conditioning(keep_batch, forget_batch)
-    prediction = denoiser(torch.cat([m, m]), torch.cat([timesteps, timesteps]), both)
+    prediction = denoiser.predict(torch.cat([m, m]), torch.cat([timesteps, timesteps]), both)
     return prediction.chunk(2)
 
 
@@ -188,8 +188,8 @@ class SISS(_SISSWeighting):
             delta = log_density_ratio(m, x, a, gamma, sigma)
             log_w_x, log_w_a = importance_log_weights(delta, self.lam)
             w_x, w_a = log_w_x.exp().float(), log_w_a.exp().float()
-            target_x = (m - gamma * x) / sigma
-            target_a = (m - gamma * a) / sigma
+            target_x = denoiser.target(m, x, timesteps)
+            target_a = denoiser.target(m, a, timesteps)
 
         prediction_x, prediction_a = _predict_for_both(denoiser, m, timesteps, forget_batch, keep_batch)
         keep_loss = (w_x * per_sample_loss(prediction_x, target_x)).mean()
@@ -225,8 +225,8 @@ class SISSNoIS(_SISSWeighting):
         noise = randn_like(x, generator)
         x_t = schedule.add_noise(x, noise, timesteps)
         a_t = schedule.add_noise(a, noise, timesteps)
-        keep_loss = per_sample_loss(denoiser(x_t, timesteps, keep_batch), noise).mean()
-        forget_loss = per_sample_loss(denoiser(a_t, timesteps, forget_batch), noise).mean()
+        keep_loss = per_sample_loss(denoiser.predict(x_t, timesteps, keep_batch), denoiser.target(x_t, x, timesteps)).mean()
+        forget_loss = per_sample_loss(denoiser.predict(a_t, timesteps, forget_batch), denoiser.target(a_t, a, timesteps)).mean()
         return self._weighted_terms(keep_loss, forget_loss, {})
 
 
@@ -262,7 +262,8 @@ class SISSBernoulli(SISS):
         m = gamma * source + sigma * noise
 
         prediction_x, prediction_a = _predict_for_both(denoiser, m, timesteps, forget_batch, keep_batch)
+        target = denoiser.target(m, source, timesteps)  # the drawn eps, in the loss space
         is_forget = from_forget.float()
-        keep_loss = ((1 - is_forget) * per_sample_loss(prediction_x, noise)).mean() / (1 - self.lam)
-        forget_loss = (is_forget * per_sample_loss(prediction_a, noise)).mean() / self.lam
+        keep_loss = ((1 - is_forget) * per_sample_loss(prediction_x, target)).mean() / (1 - self.lam)
+        forget_loss = (is_forget * per_sample_loss(prediction_a, target)).mean() / self.lam
         return self._weighted_terms(keep_loss, forget_loss, {"forget_fraction": is_forget.mean()})
