@@ -47,6 +47,7 @@ __all__ = [
     "LORA_TARGET_PRESETS",
     "LoRAUNet2DModel",
     "add_lora",
+    "add_text_encoder_lora",
     "as_lora_unet",
     "as_plain_unet",
     "count_parameters",
@@ -274,20 +275,9 @@ def add_lora(
     """
     from peft import LoraConfig
 
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}.")
-    if lora_alpha is None:
-        lora_alpha = rank
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}.")
-
+    lora_alpha = _checked_rank_and_alpha(rank, lora_alpha)
     model = as_lora_unet(model)
-    existing = getattr(model, "peft_config", None) or {}
-    if adapter_name in existing:
-        raise ValueError(
-            f"The model already has an adapter named {adapter_name!r}; choose another adapter_name "
-            f"(existing: {sorted(existing)})."
-        )
+    _check_new_adapter_name(model, adapter_name)
 
     config = LoraConfig(
         r=rank,
@@ -309,20 +299,55 @@ def add_text_encoder_lora(
     """LoRA on a CLIP text encoder's attention projections (q, k, v, out), as diffusers' LoRA scripts do with
     `--train_text_encoder`. Only the adapter trains; the base text encoder stays frozen.
 
+    The layers are injected with peft itself, not with transformers' `add_adapter`: transformers' PEFT integration
+    is gated on a minimum peft version (5.24 asks for peft >= 0.22, which does not exist), peft's injection is
+    not. The result is what `add_adapter` builds: the same LoRA layers, `text_encoder.peft_config[adapter_name]`,
+    the new adapter active. So `save_lora_weights(..., text_encoder=...)` and diffusers' `load_lora_weights`,
+    `set_adapters` and `delete_adapters` work with it.
+
     Example:
         >>> text_encoder = add_text_encoder_lora(pipe.text_encoder, rank=4)  # doctest: +SKIP
     """
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}.")
+    lora_alpha = _checked_rank_and_alpha(rank, lora_alpha)
+    _check_new_adapter_name(text_encoder, adapter_name)
+
     text_encoder.requires_grad_(False)
     config = LoraConfig(
-        r=rank, lora_alpha=lora_alpha or rank, init_lora_weights=True, target_modules=list(TEXT_ENCODER_LORA_TARGETS)
+        r=rank, lora_alpha=lora_alpha, init_lora_weights=True, target_modules=list(TEXT_ENCODER_LORA_TARGETS)
     )
-    text_encoder.add_adapter(config, adapter_name=adapter_name)
+    # peft adds the config to `text_encoder.peft_config` (creating it for the first adapter).
+    inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
+    # transformers' flag for "adapters are attached": its `load_adapter` (diffusers' loader) then refuses a
+    # duplicate name, and diffusers' `delete_adapters` drops the config with the layers, as after `add_adapter`.
+    text_encoder._hf_peft_config_loaded = True
+    for module in text_encoder.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(adapter_name)
     _train_only_adapter(text_encoder, adapter_name)
     return text_encoder
+
+
+def _checked_rank_and_alpha(rank: int, lora_alpha: float | None) -> float:
+    """Validate a LoRA rank and alpha; return alpha, which defaults to the rank (scale 1)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}.")
+    if lora_alpha is None:
+        lora_alpha = rank
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}.")
+    return lora_alpha
+
+
+def _check_new_adapter_name(model: nn.Module, adapter_name: str) -> None:
+    existing = getattr(model, "peft_config", None) or {}
+    if adapter_name in existing:
+        raise ValueError(
+            f"The {type(model).__name__} already has an adapter named {adapter_name!r}; choose another "
+            f"adapter_name (existing: {sorted(existing)})."
+        )
 
 
 def _train_only_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -384,6 +384,68 @@ def test_sd_adapter_loads_into_plain_pipeline(tmp_path):
     assert ids.shape == (1, 77)
 
 
+def test_text_encoder_lora_round_trip_through_plain_diffusers(tmp_path):
+    """add_text_encoder_lora must not go through transformers' version-gated `add_adapter` (transformers 5.24
+    refuses peft 0.21 there), and the file it leads to must load into a plain pipeline with equal tensors."""
+    from diffusers import StableDiffusionPipeline
+    from tiny_models import save_tiny_sd_pipeline
+
+    from diffusers_unlearn.lora import add_text_encoder_lora
+
+    base_dir = save_tiny_sd_pipeline(tmp_path / "base")
+    trained = StableDiffusionPipeline.from_pretrained(base_dir)
+    ids = trained.tokenizer(["a digit seven"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_embedding = trained.text_encoder(ids)[0]
+
+    text_encoder = add_text_encoder_lora(trained.text_encoder, rank=2, lora_alpha=6)
+    with torch.no_grad():  # lora_B starts at zero: the adapter starts as the identity
+        assert torch.equal(text_encoder(ids)[0], base_embedding)
+    trainable_names = [name for name, param in text_encoder.named_parameters() if param.requires_grad]
+    assert trainable_names and all(".lora_A." in n or ".lora_B." in n for n in trainable_names)
+    assert {n.split(".")[-4] for n in trainable_names} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+
+    randomize_lora_b(text_encoder)
+    with torch.no_grad():
+        adapted_embedding = text_encoder(ids)[0]
+    assert not torch.allclose(adapted_embedding, base_embedding)
+    unet = add_lora(trained.unet, rank=2, targets="attention")
+    saved_text_encoder = {k: v.clone() for k, v in lora_state_dict(text_encoder).items()}
+    save_lora_weights(unet, tmp_path / "adapter", text_encoder=text_encoder)
+
+    plain = StableDiffusionPipeline.from_pretrained(base_dir)
+    plain.load_lora_weights(str(tmp_path / "adapter"), adapter_name="unlearned")  # diffusers only
+    config = plain.text_encoder.peft_config["unlearned"]
+    assert (config.r, config.lora_alpha) == (2, 6)
+    loaded = lora_state_dict(plain.text_encoder, "unlearned")
+    assert loaded.keys() == saved_text_encoder.keys()
+    for key, tensor in saved_text_encoder.items():
+        assert torch.equal(loaded[key], tensor), key
+    with torch.no_grad():
+        assert torch.allclose(plain.text_encoder(ids)[0], adapted_embedding, atol=1e-6, rtol=0)
+
+
+def test_text_encoder_lora_keeps_earlier_adapters_and_refuses_duplicates():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusers_unlearn.lora import add_text_encoder_lora
+
+    config = CLIPTextConfig(
+        vocab_size=10, hidden_size=16, intermediate_size=20, num_attention_heads=2, num_hidden_layers=1,
+        max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    text_encoder = add_text_encoder_lora(CLIPTextModel(config), rank=2, adapter_name="first")
+    add_text_encoder_lora(text_encoder, rank=2, adapter_name="second")
+    assert sorted(text_encoder.peft_config) == ["first", "second"]
+    # Only the newest adapter trains; the first stays frozen.
+    trainable_names = [name for name, param in text_encoder.named_parameters() if param.requires_grad]
+    assert trainable_names and all(".second." in name for name in trainable_names)
+    with pytest.raises(ValueError, match="already has an adapter named 'first'"):
+        add_text_encoder_lora(text_encoder, rank=2, adapter_name="first")
+    with pytest.raises(ValueError, match="rank"):
+        add_text_encoder_lora(CLIPTextModel(config), rank=0)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Atomic save
 # ------------------------------------------------------------------------------------------------------------
