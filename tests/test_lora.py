@@ -424,6 +424,14 @@ def test_text_encoder_lora_round_trip_through_plain_diffusers(tmp_path):
     with torch.no_grad():
         assert torch.allclose(plain.text_encoder(ids)[0], adapted_embedding, atol=1e-6, rtol=0)
 
+    # diffusers' pipeline-level adapter calls work on the injected layers too.
+    with torch.no_grad():
+        trained.set_adapters(["default"], adapter_weights=[0.0])
+        assert torch.allclose(trained.text_encoder(ids)[0], base_embedding, atol=1e-6, rtol=0)
+        trained.delete_adapters("default")
+        assert not getattr(trained.text_encoder, "peft_config", None)
+        assert torch.allclose(trained.text_encoder(ids)[0], base_embedding, atol=1e-6, rtol=0)
+
 
 def test_text_encoder_lora_keeps_earlier_adapters_and_refuses_duplicates():
     from transformers import CLIPTextConfig, CLIPTextModel
