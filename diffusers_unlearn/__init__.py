@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import importlib
 
+from .third_party_logs import install_filters as _install_log_filters
+
 __version__ = "0.1.0"
+
+# Before any submodule imports diffusers or transformers: they print two known-harmless messages while being
+# imported (see third_party_logs.py). Only those two messages are filtered.
+_install_log_filters()
 
 # Public names -> the module that defines them. Imported on first use, so that
 # `import diffusers_unlearn` stays cheap.
