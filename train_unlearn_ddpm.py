@@ -17,6 +17,9 @@ import argparse
 import os
 import time
 
+# Before diffusers and transformers: importing the package filters the two known-harmless messages those
+# libraries print while being imported (diffusers_unlearn/third_party_logs.py), and nothing else.
+import diffusers_unlearn  # noqa: F401  isort: skip
 import torch
 from accelerate.logging import get_logger
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -24,8 +27,9 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from diffusers_unlearn import data as unlearn_data
+from diffusers_unlearn.checks import DDPM, check_hub_model, check_model_path, check_number_flags
 from diffusers_unlearn.errors import UserInputError, run_script
-from diffusers_unlearn.hub import atomic_write_json, push_folder, write_model_card
+from diffusers_unlearn.hub import atomic_write_json, check_hub_arguments, create_hub_repo, push_folder, write_model_card
 from diffusers_unlearn.images import grid_array, make_grid, save_image_atomic
 from diffusers_unlearn.lora import (
     add_lora,
@@ -43,6 +47,7 @@ from diffusers_unlearn.metrics import (
     pul,
 )
 from diffusers_unlearn.noise import NoiseSchedule
+from diffusers_unlearn.outputs import StagedRun, check_output_dir, exclusive_output_dir
 from diffusers_unlearn.objectives import (
     DenoisingBatch,
     Denoiser,
@@ -76,16 +81,17 @@ def parse_args(argv=None):
     )
     parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--variant", type=str, default=None)
-    parser.add_argument("--forget_data_dir", type=str, default=None, help="Image folder of the items to forget.")
+    parser.add_argument("--forget_data_dir", type=str, default=None, help="Image folder of the items to forget. Subfolders are read too (as datasets' imagefolder does); a metadata.jsonl in any folder gives file_name and an integer 'label' (needed by a class-conditional model).")
     parser.add_argument("--forget_dataset_name", type=str, default=None, help=f"A datasets name/path, or '{unlearn_data.TOY_DATASET}'.")
     parser.add_argument("--forget_class", type=int, default=None, help="Forget every item of this class.")
     parser.add_argument("--forget_indices", type=int, nargs="+", default=None, help="Forget these dataset indices.")
-    parser.add_argument("--keep_data_dir", type=str, default=None)
+    parser.add_argument("--keep_data_dir", type=str, default=None, help="Image folder of items to keep, read like --forget_data_dir. Copies of forget images (exact, or within --near_duplicate_distance) are removed from it with a notice.")
     parser.add_argument("--keep_dataset_name", type=str, default=None)
     parser.add_argument("--keep_from_generations", type=int, default=None, help="Generate N samples; those far from every forget image form the keep set.")
     parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 distance (in [0,1] units) below which a generation counts as a forget copy (of a forget image, or of a generation already counted as one). Default: the memorization threshold.")
     parser.add_argument("--heldout_data_dir", type=str, default=None, help="Non-member images for held-out loss and membership inference.")
     parser.add_argument("--output_dir", type=str, default="unlearn-ddpm-output")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace the finished run in --output_dir (its outputs are swapped out when this run finishes; checkpoints and logs stay).")
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample_size.")
     parser.add_argument("--train_batch_size", type=int, default=64)
@@ -127,6 +133,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_validation_images", type=int, default=64)
     parser.add_argument("--num_eval_samples", type=int, default=1024)
     parser.add_argument("--memorization_threshold", type=float, default=None, help="Pixel L2 in [0,1] units. Default: toy threshold, else half the forget-to-keep distance.")
+    parser.add_argument("--near_duplicate_distance", type=float, default=None, help="Pixel L2 ([0,1] units, at the model resolution) below which a keep image counts as a copy of a forget image (the same picture in another encoding, such as JPEG) and is removed from the keep set with a notice; 0 removes exact copies only. Default: an RMS pixel difference of 0.04, i.e. 0.04 * sqrt(channels * resolution^2).")
     parser.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance for class-conditional sampling.")
     parser.add_argument("--class_min_confidence", type=float, default=0.5, help="Class unlearning: a sample counts as --forget_class only if the classifier gives it this probability (0: plain arg-max). Keeps noise, which an arg-max labels as some class, out of the count.")
     parser.add_argument("--classifier_dir", type=str, default=None, help="A DigitsClassifier-style folder for FD and class rates (default: the toy classifier for toy-sized images).")
@@ -134,6 +141,8 @@ def parse_args(argv=None):
 
     # Cheap checks first: nothing expensive has happened yet.
     check_method_arguments(parser, args)
+    check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint)
+    check_hub_arguments(args.report_to, args.hub_token)
     if args.forget_data_dir and args.forget_dataset_name:
         parser.error("Give --forget_data_dir or --forget_dataset_name, not both.")
     if (args.forget_class is not None or args.forget_indices) and not args.forget_dataset_name:
@@ -164,8 +173,24 @@ def parse_args(argv=None):
             args.keep_dataset_name = args.keep_dataset_name or unlearn_data.TOY_DATASET
     if args.learning_rate is None:
         args.learning_rate = 5e-3 if args.train_mode == "lora" else 1e-4
+    check_number_flags(parser, args)
+    if args.keep_from_generations and not args.using_toy and args.keep_generation_threshold is None and args.memorization_threshold is None:
+        # Without a keep set there is no distance to derive a threshold from.
+        parser.error("--keep_from_generations needs --keep_generation_threshold or --memorization_threshold (pixel L2 in [0,1] units) to tell forget copies apart.")
+    check_model_path(args.pretrained_model_name_or_path, DDPM)
     check_resume_argument(args)
     return args
+
+
+def check_inputs(args):
+    """The data folders (and a Hub model's model_index.json), checked without decoding pixels or loading any
+    model, so a typo fails in a second."""
+    for what in ("forget", "keep", "heldout"):
+        folder = getattr(args, f"{what}_data_dir")
+        if folder:
+            unlearn_data.check_image_folder(folder, what)
+    if not os.path.isdir(args.pretrained_model_name_or_path):  # a Hub id: its model_index.json, not the weights
+        check_hub_model(args.pretrained_model_name_or_path, DDPM, args.revision, args.cache_dir)
 
 
 def load_sets(args, unet, resolution, channels, is_conditional):
@@ -184,13 +209,22 @@ def load_sets(args, unet, resolution, channels, is_conditional):
     elif args.keep_dataset_name:
         keep = unlearn_data.load_dataset_images(args.keep_dataset_name, resolution, channels, "keep", include_canary=not is_conditional)
     if keep is not None:
-        keep = unlearn_data.remove_overlap(keep, forget)
+        keep = unlearn_data.remove_overlap(keep, forget, args.near_duplicate_distance)
 
     heldout = None
     if args.heldout_data_dir:
         heldout = unlearn_data.load_image_folder(args.heldout_data_dir, resolution, channels, "heldout")
     elif unlearn_data.TOY_DATASET in (args.forget_dataset_name, args.keep_dataset_name):
         heldout = unlearn_data.load_dataset_images(unlearn_data.TOY_DATASET, resolution, channels, "heldout", split="heldout")
+    if is_conditional:  # a class-conditional UNet needs a label with every image it is trained or evaluated on
+        for what, image_set in (("forget", forget), ("keep", keep), ("heldout", heldout)):
+            if image_set is not None and image_set.labels is None:
+                source = getattr(args, f"{what}_data_dir") or getattr(args, f"{what}_dataset_name", None)
+                raise UserInputError(
+                    f"{source} has no class labels, but the model is class-conditional (num_class_embeds="
+                    f"{unet.config.num_class_embeds}): add a metadata.jsonl with a line per image, like "
+                    '{"file_name": "a.png", "label": 3}, or pass an unconditional model.'
+                )
     return forget, keep, heldout
 
 
@@ -198,9 +232,14 @@ def batch_of(images: unlearn_data.ImageSet, with_labels: bool) -> DenoisingBatch
     return DenoisingBatch(images.images, images.labels if with_labels else None)
 
 
+@exclusive_output_dir  # one run per --output_dir at a time; an interrupted final save is recovered first
 def main(args):
     started = time.time()
+    check_inputs(args)
     accelerator = make_accelerator(args)
+    repo_id = args.hub_model_id
+    if args.push_to_hub and accelerator.is_main_process:  # a bad token or repo id fails now, not after training
+        repo_id = create_hub_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token)
 
     # Models.
     unet = UNet2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
@@ -209,7 +248,7 @@ def main(args):
     is_conditional = unet.config.num_class_embeds is not None
     resolution = args.resolution or unet.config.sample_size
     if resolution != unet.config.sample_size:
-        raise ValueError(f"--resolution {resolution} differs from the UNet's sample_size {unet.config.sample_size}.")
+        raise UserInputError(f"--resolution {resolution} differs from the UNet's sample_size {unet.config.sample_size}; leave --resolution out.")
     channels = unet.config.in_channels
 
     # Data, validated before any training.
@@ -226,9 +265,7 @@ def main(args):
 
             threshold = MEMORIZATION_THRESHOLD
         elif keep is not None:
-            from diffusers_unlearn.metrics import nearest_distances
-
-            threshold = 0.5 * float(nearest_distances(forget.images, keep.images).min())
+            threshold = unlearn_data.memorization_threshold_from_keep(forget, keep)
             logger.info(f"Memorization threshold: {threshold:.3f} (half the forget-to-keep distance).")
 
     classifier = None
@@ -242,7 +279,7 @@ def main(args):
 
             classifier = load_classifier()
     elif class_unlearning:
-        raise ValueError("Class unlearning needs a classifier to measure the forget-class rate: pass --classifier_dir.")
+        raise UserInputError("Class unlearning needs a classifier to measure the forget-class rate: pass --classifier_dir.")
 
     # The base pipeline, for sampling before training (and keep-set generation).
     def sample(model, count, seed, labels=None):
@@ -258,14 +295,14 @@ def main(args):
         far, near = unlearn_data.filter_far_from(generations, forget.images, args.keep_generation_threshold or threshold)
         logger.info(f"--keep_from_generations: {len(far)} generations kept, {len(near)} rejected as forget copies.")
         if len(far) == 0:
-            raise ValueError("Every generation is close to a forget image: the keep set is empty. Raise --keep_from_generations or lower --keep_generation_threshold.")
+            raise UserInputError("Every generation is close to a forget image: the keep set is empty. Raise --keep_from_generations or lower --keep_generation_threshold.")
         keep = unlearn_data.ImageSet(far, [unlearn_data.pixel_hash(x) for x in far], [f"generation/{i}" for i in range(len(far))])
 
     n = len(forget) + (len(keep) if keep is not None else 0)
     hyperparameters = hyperparameters_from_flags(args.method, args.method_flags, {"n": n, "k": len(forget)})
     objective = get_objective(args.method, **hyperparameters)
     if objective.needs_keep and keep is None:
-        raise ValueError(f"--method {args.method} needs a keep set: --keep_data_dir, --keep_dataset_name or --keep_from_generations.")
+        raise UserInputError(f"--method {args.method} needs a keep set: --keep_data_dir, --keep_dataset_name or --keep_from_generations.")
     # A checkpoint of another run (other data, method or settings) is refused before any evaluation.
     fingerprint = script_fingerprint(args, objective, forget, keep, use_ema=args.use_ema, ema_max_decay=args.ema_max_decay)
     resume_path = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, fingerprint, args.max_train_steps)
@@ -326,7 +363,7 @@ def main(args):
         before = evaluate(unet)
         logger.info(f"Before unlearning: { {k: v for k, v in before.items() if not torch.is_tensor(v)} }")
 
-    denoiser = Denoiser(unet, schedule)
+    denoiser = Denoiser(unet, schedule, args.loss_space)
     objective.prepare(denoiser, batch_of(forget, is_conditional), generator=step_generator(args.seed, -1))
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     denoiser.model = unet
@@ -335,7 +372,7 @@ def main(args):
     checkpointer = Checkpointer(accelerator, unlearner, [unet], optimizer, lr_scheduler, ema, fingerprint)
 
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("unlearn-ddpm", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("unlearn-ddpm", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
     forget_pool = BatchPool(forget.images, forget.labels if is_conditional else None)
     keep_pool = BatchPool(keep.images, keep.labels if is_conditional else None) if keep is not None else None
@@ -359,25 +396,27 @@ def main(args):
         validation_steps=args.validation_steps, validate=run_validation, after_optimizer_step=update_ema,
     )
 
-    # Save, evaluate after, report, card, upload (main process only).
+    # Save, evaluate after, report, card, upload (main process only). The final outputs are written into a
+    # staging folder and swapped into --output_dir together, so it never mixes two runs' files.
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(trainable_parameters(model))
         after = evaluate(model)
+        staged = StagedRun(args.output_dir)
         if args.train_mode == "lora":
-            save_lora_weights(model, args.output_dir, metadata={"method": args.method, "base_model": str(args.pretrained_model_name_or_path)})
+            save_lora_weights(model, staged.path, metadata={"method": args.method, "base_model": str(args.pretrained_model_name_or_path)})
         else:
-            save_full_pipeline(model, scheduler, args.output_dir, is_conditional)
+            save_full_pipeline(model, scheduler, staged, is_conditional)
 
         images = {}
         for label, metrics in (("before", before), ("after", after)):
             grid = make_grid(metrics.pop("samples"), scale=4 if resolution <= 32 else 1)
-            save_image_atomic(grid, os.path.join(args.output_dir, f"samples_{label}.png"))
+            save_image_atomic(grid, staged.file(f"samples_{label}.png"))
             images[f"Samples {label} unlearning (same seeds)"] = f"samples_{label}.png"
             if "forget_class_samples" in metrics:
                 grid = make_grid(metrics.pop("forget_class_samples"), scale=4 if resolution <= 32 else 1)
-                save_image_atomic(grid, os.path.join(args.output_dir, f"forget_class_samples_{label}.png"))
+                save_image_atomic(grid, staged.file(f"forget_class_samples_{label}.png"))
                 images[f"Class {args.forget_class} prompts {label}"] = f"forget_class_samples_{label}.png"
         if class_unlearning:
             for metrics in (before, after):
@@ -406,12 +445,13 @@ def main(args):
             "metrics": {"before": before, "after": after},
             "validation": validation_history,
         }
-        atomic_write_json(os.path.join(args.output_dir, "unlearning_report.json"), report)
-        write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), args.hub_model_id, images, is_adapter=args.train_mode == "lora")
+        atomic_write_json(staged.file("unlearning_report.json"), report)
+        write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), repo_id, images, is_adapter=args.train_mode == "lora", into=staged.path)
+        staged.commit()
         print_summary(report)
         if args.push_to_hub:
-            repo = push_folder(args.output_dir, args.hub_model_id, args.hub_token, f"Unlearn with {args.method}")
-            logger.info(f"Uploaded to {repo}.")
+            push_folder(args.output_dir, repo_id, args.hub_token, f"Unlearn with {args.method}")
+            logger.info(f"Uploaded to {repo_id}.")
     accelerator.end_training()
 
 
@@ -440,10 +480,10 @@ def validate(accelerator, args, unet, ema, sample, forget, threshold, step, clas
     return {"step": step, **{key.split("/", 1)[1]: value for key, value in logs.items()}}
 
 
-def save_full_pipeline(model, scheduler, output_dir, is_conditional):
-    """The fully fine-tuned pipeline, saved with plain diffusers class names."""
+def save_full_pipeline(model, scheduler, staged, is_conditional):
+    """The fully fine-tuned pipeline, saved with plain diffusers class names into the staging folder."""
     pipeline_cls = ClassConditionalDDPMPipeline if is_conditional else DDPMPipeline
-    save_pipeline_into(pipeline_cls(unet=as_plain_unet(model), scheduler=scheduler), output_dir)
+    save_pipeline_into(pipeline_cls(unet=as_plain_unet(model), scheduler=scheduler), staged)
 
 
 if __name__ == "__main__":

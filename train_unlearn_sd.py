@@ -22,6 +22,9 @@ import importlib.util
 import os
 import time
 
+# Before diffusers and transformers: importing the package filters the two known-harmless messages those
+# libraries print while being imported (diffusers_unlearn/third_party_logs.py), and nothing else.
+import diffusers_unlearn  # noqa: F401  isort: skip
 import torch
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -29,8 +32,9 @@ from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusers_unlearn import data as unlearn_data
+from diffusers_unlearn.checks import STABLE_DIFFUSION, check_hub_model, check_model_path, check_number_flags
 from diffusers_unlearn.errors import UserInputError, run_script
-from diffusers_unlearn.hub import atomic_write_json, push_folder, write_model_card
+from diffusers_unlearn.hub import atomic_write_json, check_hub_arguments, create_hub_repo, push_folder, write_model_card
 from diffusers_unlearn.images import grid_array, make_grid, save_image_atomic
 from diffusers_unlearn.lora import (
     add_lora,
@@ -42,6 +46,7 @@ from diffusers_unlearn.lora import (
 )
 from diffusers_unlearn.metrics import denoising_losses, memorization_rate, mia_auc
 from diffusers_unlearn.noise import NoiseSchedule
+from diffusers_unlearn.outputs import StagedRun, check_output_dir, exclusive_output_dir
 from diffusers_unlearn.objectives import DenoisingBatch, Denoiser, get_objective, hyperparameters_from_flags
 from diffusers_unlearn.pipelines.text_to_image import encode_latents, encode_prompts, generate_images, tokenize
 from diffusers_unlearn.training import (
@@ -68,16 +73,17 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Hub id or local folder. Default: the bundled tiny text-to-image toy.")
     parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--variant", type=str, default=None)
-    parser.add_argument("--forget_data_dir", type=str, default=None, help="Image folder with metadata.jsonl (file_name, text).")
+    parser.add_argument("--forget_data_dir", type=str, default=None, help="Image folder with metadata.jsonl (file_name, text). Subfolders are read too (as datasets' imagefolder does); a metadata.jsonl in a subfolder names files relative to it.")
     parser.add_argument("--forget_images", type=str, nargs="+", default=None, help="Image files to forget (with --forget_prompts).")
     parser.add_argument("--forget_prompts", type=str, nargs="+", default=None, help="One prompt per --forget_images file.")
     parser.add_argument("--memorized_prompts_file", type=str, default=None, help="JSON lines with a 'caption' field (or one prompt per line); the forget images are the model's own generations that cluster together.")
     parser.add_argument("--num_forget_generations", type=int, default=16, help="Generations per memorized prompt searched for a cluster.")
-    parser.add_argument("--keep_data_dir", type=str, default=None, help="Image folder with metadata.jsonl (file_name, text) of images to keep.")
+    parser.add_argument("--keep_data_dir", type=str, default=None, help="Image folder with metadata.jsonl (file_name, text) of images to keep, read like --forget_data_dir. Copies of forget images (exact, or within --near_duplicate_distance) are removed from it with a notice.")
     parser.add_argument("--keep_from_generations", type=int, default=None, help="Generate N images per forget prompt; those far from every forget image become the keep set.")
     parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation counts as a forget copy (of a forget image, or of a generation already counted as one). Default: --memorization_threshold.")
     parser.add_argument("--heldout_data_dir", type=str, default=None, help="Image folder with prompts the model never saw: heldout_loss and membership-inference AUC.")
     parser.add_argument("--output_dir", type=str, default="unlearn-sd-output")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace the finished run in --output_dir (its outputs are swapped out when this run finishes; checkpoints and logs stay).")
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample_size times the VAE scale factor.")
@@ -128,12 +134,15 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=7.5)
     parser.add_argument("--eval_batch_size", type=int, default=64)
     parser.add_argument("--memorization_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation copies a forget image. Default: the toy's threshold, else an RMS pixel difference of 0.1.")
+    parser.add_argument("--near_duplicate_distance", type=float, default=None, help="Pixel L2 ([0,1] units, at the training resolution) below which a keep image counts as a copy of a forget image (the same picture in another encoding, such as JPEG) and is removed from the keep set with a notice; 0 removes exact copies only. Default: an RMS pixel difference of 0.04, i.e. 0.04 * sqrt(3 * resolution^2).")
     parser.add_argument("--num_other_prompt_images", type=int, default=32, help="Toy only: generations per other digit prompt for the digit accuracy.")
     parser.add_argument("--noise_norm_generations", type=int, default=4, help="Generations per prompt for the noise-norm score (0 disables it).")
     args = parser.parse_args(argv)
 
     # Cheap checks first: nothing has been loaded yet.
     check_method_arguments(parser, args)
+    check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint)
+    check_hub_arguments(args.report_to, args.hub_token)
     given = [name for name in ("forget_data_dir", "forget_images", "memorized_prompts_file") if getattr(args, name)]
     if len(given) > 1:
         parser.error(f"Give one forget set, not {' and '.join('--' + g for g in given)}.")
@@ -174,6 +183,8 @@ def parse_args(argv=None):
             args.learning_rate = 2e-3 if args.using_toy else 1e-3
         else:
             args.learning_rate = 1e-4 if args.using_toy else 1e-5
+    check_number_flags(parser, args)
+    check_model_path(args.pretrained_model_name_or_path, STABLE_DIFFUSION)
     check_model_folder(parser, args.pretrained_model_name_or_path)
     check_resume_argument(args)
     return args
@@ -186,6 +197,21 @@ def check_model_folder(parser, path):
     missing = [name for name in REQUIRED_COMPONENTS if not os.path.isdir(os.path.join(path, name))]
     if missing:
         parser.error(f"{path} is not a Stable Diffusion folder: it has no {', '.join(missing)} subfolder(s). Point --pretrained_model_name_or_path at a folder saved with StableDiffusionPipeline.save_pretrained.")
+
+
+def check_inputs(args):
+    """The data files, the prompts file (and a Hub model's model_index.json), checked without decoding pixels or
+    loading any model, so a typo fails in a second."""
+    for what in ("forget", "keep", "heldout"):
+        folder = getattr(args, f"{what}_data_dir")
+        if folder:
+            unlearn_data.check_image_folder(folder, what, require_text=True)
+    if args.forget_images:
+        unlearn_data.check_prompted_images(args.forget_images, args.forget_prompts or [], "forget")
+    if args.memorized_prompts_file:
+        unlearn_data.read_prompts_file(args.memorized_prompts_file)
+    if not os.path.isdir(args.pretrained_model_name_or_path):  # a Hub id: its model_index.json, not the weights
+        check_hub_model(args.pretrained_model_name_or_path, STABLE_DIFFUSION, args.revision, args.cache_dir)
 
 
 def load_forget_and_keep(args, pipe, resolution, threshold):
@@ -221,7 +247,7 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
         images = torch.cat(kept)
         keep = unlearn_data.ImageSet(images, [unlearn_data.pixel_hash(x) for x in images], [f"generation/{i}" for i in range(len(images))], None, texts)
     if keep is not None:
-        keep = unlearn_data.remove_overlap(keep, forget)
+        keep = unlearn_data.remove_overlap(keep, forget, args.near_duplicate_distance)
     else:
         raise unlearn_data.DataError("No keep set: give --keep_data_dir or --keep_from_generations N.")
 
@@ -262,9 +288,14 @@ def forget_from_generations(args, pipe, prompts, threshold):
     return forget_set, keep_set
 
 
+@exclusive_output_dir  # one run per --output_dir at a time; an interrupted final save is recovered first
 def main(args):
     started = time.time()
+    check_inputs(args)
     accelerator = make_accelerator(args)
+    repo_id = args.hub_model_id
+    if args.push_to_hub and accelerator.is_main_process:  # a bad token or repo id fails now, not after training
+        repo_id = create_hub_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -275,13 +306,16 @@ def main(args):
     unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=revision, cache_dir=args.cache_dir)
     resolution = args.resolution or unet_config["sample_size"] * vae_scale_factor
     if resolution % vae_scale_factor != 0:
-        raise ValueError(f"--resolution {resolution} is not divisible by the VAE's scale factor {vae_scale_factor}; use a multiple of {vae_scale_factor} (for example {resolution // vae_scale_factor * vae_scale_factor or vae_scale_factor}).")
+        raise UserInputError(f"--resolution {resolution} is not divisible by the VAE's scale factor {vae_scale_factor}; use a multiple of {vae_scale_factor} (for example {resolution // vae_scale_factor * vae_scale_factor or vae_scale_factor}).")
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision, cache_dir=args.cache_dir)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision, cache_dir=args.cache_dir)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant, cache_dir=args.cache_dir)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant, cache_dir=args.cache_dir)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    # The dtype at loading, not with vae.to(dtype): diffusers warns on every such cast ("modules ... should be kept
+    # in float32: []"), even when there are none.
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant, cache_dir=args.cache_dir, torch_dtype=weight_dtype)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant, cache_dir=args.cache_dir)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -292,9 +326,8 @@ def main(args):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())  # SDPA
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     device = accelerator.device
-    vae.to(device, weight_dtype)
+    vae.to(device)
     text_encoder.to(device, weight_dtype)
     unet.to(device)
     schedule = NoiseSchedule.from_scheduler(noise_scheduler, args.prediction_type)
@@ -338,7 +371,7 @@ def main(args):
     n = len(forget) + len(keep)
     objective = get_objective(args.method, **hyperparameters_from_flags(args.method, args.method_flags, {"n": n, "k": len(forget)}))
     if objective.needs_keep and len(keep) == 0:
-        raise ValueError(f"--method {args.method} needs a keep set.")
+        raise UserInputError(f"--method {args.method} needs a keep set.")
     # A checkpoint of another run (other data, method or settings) is refused before any evaluation.
     fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution)
     resume_path = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, fingerprint, args.max_train_steps)
@@ -430,7 +463,7 @@ def main(args):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
 
-    denoiser = Denoiser(unet, schedule)
+    denoiser = Denoiser(unet, schedule, args.loss_space)
     objective.prepare(denoiser, DenoisingBatch(forget_latents.to(device), None, forget_hidden.to(device)), generator=step_generator(args.seed, -1))
     if args.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
@@ -441,7 +474,7 @@ def main(args):
     trained_models = [unet, text_encoder] if args.train_text_encoder else [unet]
     checkpointer = Checkpointer(accelerator, unlearner, trained_models, optimizer, lr_scheduler, None, fingerprint)
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("unlearn-sd", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("unlearn-sd", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
     if args.train_text_encoder:  # embeddings change during training: encode the token ids every step
         def encode(ids):
@@ -487,7 +520,8 @@ def main(args):
         validation_steps=args.validation_steps, validate=validate,
     )
 
-    # Save, evaluate after, report, card, upload (main process only).
+    # Save, evaluate after, report, card, upload (main process only). The final outputs are written into a
+    # staging folder and swapped into --output_dir together, so it never mixes two runs' files.
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         vae.to(device)
@@ -496,15 +530,16 @@ def main(args):
         pipe.text_encoder = text_encoder_model
         after, per_prompt_after = evaluate(model)
         metadata = {"method": args.method, "base_model": str(args.pretrained_model_name_or_path)}
+        staged = StagedRun(args.output_dir)
         if args.train_mode == "lora":
-            save_lora_weights(model, args.output_dir, metadata=metadata, text_encoder=text_encoder_model if args.train_text_encoder else None)
+            save_lora_weights(model, staged.path, metadata=metadata, text_encoder=text_encoder_model if args.train_text_encoder else None)
         else:
-            save_full_pipeline(pipe, model, noise_scheduler, args.output_dir)
+            save_full_pipeline(pipe, model, noise_scheduler, staged)
 
         images = {}
         scale = max(1, 64 // resolution)
         for label, metrics in (("before", before), ("after", after)):
-            save_image_atomic(make_grid(metrics.pop("samples"), scale=scale), os.path.join(args.output_dir, f"samples_{label}.png"))
+            save_image_atomic(make_grid(metrics.pop("samples"), scale=scale), staged.file(f"samples_{label}.png"))
             images[f"{forget_prompts[0]!r} {label} unlearning (same seeds)"] = f"samples_{label}.png"
         wall = time.time() - started
         before["wall_seconds"] = None
@@ -534,13 +569,14 @@ def main(args):
             "per_prompt": per_prompt,
             "validation": validation_history,
         }
-        atomic_write_json(os.path.join(args.output_dir, "unlearning_report.json"), report)
-        write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), args.hub_model_id, images, is_adapter=args.train_mode == "lora", text_to_image=True)
+        atomic_write_json(staged.file("unlearning_report.json"), report)
+        write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), repo_id, images, is_adapter=args.train_mode == "lora", text_to_image=True, into=staged.path)
+        staged.commit()
         print_summary(report)
         print_prompt_table(per_prompt)
         if args.push_to_hub:
-            repo = push_folder(args.output_dir, args.hub_model_id, args.hub_token, f"Unlearn with {args.method}")
-            logger.info(f"Uploaded to {repo}.")
+            push_folder(args.output_dir, repo_id, args.hub_token, f"Unlearn with {args.method}")
+            logger.info(f"Uploaded to {repo_id}.")
     accelerator.end_training()
 
 
@@ -566,13 +602,13 @@ def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generation
     return report
 
 
-def save_full_pipeline(pipe, unet, noise_scheduler, output_dir):
-    """The fine-tuned pipeline, saved with plain diffusers class names."""
+def save_full_pipeline(pipe, unet, noise_scheduler, staged):
+    """The fine-tuned pipeline, saved with plain diffusers class names into the staging folder."""
     pipeline = StableDiffusionPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet, scheduler=noise_scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    save_pipeline_into(pipeline, output_dir)
+    save_pipeline_into(pipeline, staged)
 
 
 def print_prompt_table(per_prompt):

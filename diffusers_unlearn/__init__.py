@@ -38,6 +38,7 @@ _LAZY = {
     "save_lora_weights": "lora",
     "load_lora_weights": "lora",
     "make_optimizer": "lora",
+    "recover_output_dir": "outputs",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -39,6 +38,8 @@ from diffusers import UNet2DModel
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
 from torch import nn
+
+from .fileio import atomic_write_bytes, safetensors_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -529,32 +530,11 @@ def _header_entries(extra: Mapping[str, Any] | None) -> dict[str, str]:
 def _atomic_write_safetensors(tensors: dict[str, torch.Tensor], path: str, header: dict[str, str]) -> None:
     """Write a safetensors file so that `path` only ever holds a complete file.
 
-    The bytes go to a temporary file in the same directory (same file system, so `os.replace` is an atomic
-    rename), are flushed to disk, then renamed over `path`. On failure the temporary file is removed and any
-    previous file at `path` is untouched.
+    The bytes go to a temporary file in the same directory and are renamed over `path` when complete
+    (`fileio.atomic_write`). The header is canonical (sorted keys), so the same weights and header entries
+    always give the same bytes.
     """
-    import safetensors.torch
-
-    tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}
-    data = safetensors.torch.save(tensors, metadata=header)
-
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp_path = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-    # os.open with mode 0o666 honours the umask, so the final file gets the same permissions as any new file
-    # (tempfile.mkstemp would leave it readable by the owner only).
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        try:
-            os.remove(tmp_path)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, safetensors_bytes(tensors, header))
 
 
 def save_lora_weights(

@@ -18,12 +18,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from typing import Any, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from .noise import LOSS_SPACES
 from .objectives import available_objectives, get_objective, hyperparameters_from_flags
 from .checkpoints import (
     Checkpointer,
@@ -31,6 +31,7 @@ from .checkpoints import (
     list_checkpoints,
     run_fingerprint,
 )
+from .outputs import StagedRun
 from .unlearner import BatchPool, Unlearner, step_generator
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{flag}", type=kind, default=None, help=text)
     parser.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="Sample training timesteps in [LOW, HIGH) only (default: all).")
+    parser.add_argument("--loss_space", type=str, default="native", choices=list(LOSS_SPACES),
+                        help="'native' (default): losses in the model's own prediction space (epsilon, v or x0), so "
+                        "plain fine-tuning is its official training loss; 'epsilon': every output converted to a noise "
+                        "estimate first (weights timestep t by alpha_bar_t relative to a v-model's loss).")
 
 
 def check_method_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -104,19 +109,11 @@ def make_accelerator(args: argparse.Namespace):
     return accelerator
 
 
-def save_pipeline_into(pipeline, output_dir: str) -> None:
-    """`pipeline.save_pretrained` into a temporary folder inside `output_dir`, then each entry moved into place,
-    so no component is ever half-written."""
-    tmp = os.path.join(output_dir, ".tmp-pipeline")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    pipeline.save_pretrained(tmp)
-    for entry in os.listdir(tmp):
-        target = os.path.join(output_dir, entry)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(tmp, entry), target)
-    shutil.rmtree(tmp)
+def save_pipeline_into(pipeline, staged: StagedRun) -> None:
+    """`pipeline.save_pretrained` into a run's staging folder: its components reach `--output_dir` together
+    with the report and card when `staged.commit()` swaps them in, so no component is ever half-written or
+    mixed with another run's."""
+    pipeline.save_pretrained(staged.path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,6 +153,7 @@ def script_fingerprint(args: argparse.Namespace, objective, forget, keep, **extr
         train_mode=args.train_mode, lora=lora, seed=args.seed, train_batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps, max_grad_norm=args.max_grad_norm,
+        loss_space=args.loss_space,
         use_8bit_adam=args.use_8bit_adam, mixed_precision=args.mixed_precision,
         num_processes=int(os.environ.get("WORLD_SIZE", "1")), **extra,
     )
@@ -246,6 +244,7 @@ def train_adapter(
     lora_alpha: Optional[float] = None,
     lora_targets: str = "attention",
     adapter_name: str = "default",
+    loss_space: str = "native",
     max_grad_norm: float = 1.0,
     seed: int = 0,
     output_dir: str = ".",
@@ -275,7 +274,7 @@ def train_adapter(
     accelerator = Accelerator(cpu=not next(unet.parameters()).is_cuda)
     unet = add_lora(unet, rank=rank, lora_alpha=lora_alpha, targets=lora_targets, adapter_name=adapter_name)
     optimizer = make_optimizer(trainable_parameters(unet), learning_rate)
-    denoiser = Denoiser(unet, schedule)
+    denoiser = Denoiser(unet, schedule, loss_space)
     device = next(unet.parameters()).device
     first = forget_pool.sample(min(len(forget_pool), 64), step_generator(seed, -1), device)
     objective.prepare(denoiser, first, generator=step_generator(seed, -1))

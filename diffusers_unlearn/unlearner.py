@@ -71,7 +71,7 @@ class Unlearner:
         # iterator would silently clip nothing).
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
-    # Checkpointing: accelerate's `register_for_checkpointing` saves and restores this.
+    # Checkpointing: `checkpoints.Checkpointer` stores this (JSON-able values only, no pickle).
     def state_dict(self) -> dict:
         state = {"optimizer_steps": self.optimizer_steps}
         if hasattr(self.combiner, "state_dict"):
@@ -214,22 +214,12 @@ def save_trainable_state(model: torch.nn.Module, directory: str, file_name: str 
     """Write the trainable parameters (the LoRA factors, or every weight when fully fine-tuning)
     to one safetensors file, atomically. Used by checkpoints: the frozen base is not copied."""
     import os
-    import tempfile
 
-    from safetensors.torch import save_file
+    from .fileio import atomic_write_bytes, safetensors_bytes
 
-    state = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    os.makedirs(directory, exist_ok=True)
+    state = {name: p for name, p in model.named_parameters() if p.requires_grad}
     path = os.path.join(directory, file_name)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_bytes(path, safetensors_bytes(state))
     return path
 
 
