@@ -369,7 +369,13 @@ def main(args):
     denoiser.model = unet
     unlearner = Unlearner(objective, denoiser, optimizer, accelerator, lr_scheduler, args.max_grad_norm)
 
-    checkpointer = Checkpointer(accelerator, unlearner, [unet], optimizer, lr_scheduler, ema, fingerprint)
+    adapter_metadata = {"method": args.method, "base_model": str(args.pretrained_model_name_or_path)}
+
+    def save_adapter(directory):  # checkpoints carry a loadable adapter too, as the official scripts' do
+        save_lora_weights(accelerator.unwrap_model(unet), directory, metadata=adapter_metadata)
+
+    checkpointer = Checkpointer(accelerator, unlearner, [unet], optimizer, lr_scheduler, ema, fingerprint,
+                                save_adapter if args.train_mode == "lora" else None)
 
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("unlearn-ddpm", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
@@ -405,7 +411,7 @@ def main(args):
         after = evaluate(model)
         staged = StagedRun(args.output_dir)
         if args.train_mode == "lora":
-            save_lora_weights(model, staged.path, metadata={"method": args.method, "base_model": str(args.pretrained_model_name_or_path)})
+            save_lora_weights(model, staged.path, metadata=adapter_metadata)
         else:
             save_full_pipeline(model, scheduler, staged, is_conditional)
 

@@ -472,7 +472,14 @@ def main(args):
     denoiser.model = unet
     unlearner = Unlearner(objective, denoiser, optimizer, accelerator, lr_scheduler, args.max_grad_norm)
     trained_models = [unet, text_encoder] if args.train_text_encoder else [unet]
-    checkpointer = Checkpointer(accelerator, unlearner, trained_models, optimizer, lr_scheduler, None, fingerprint)
+    adapter_metadata = {"method": args.method, "base_model": str(args.pretrained_model_name_or_path)}
+
+    def save_adapter(directory):  # checkpoints carry a loadable adapter too, as the official scripts' do
+        trained_text_encoder = accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
+        save_lora_weights(accelerator.unwrap_model(unet), directory, metadata=adapter_metadata, text_encoder=trained_text_encoder)
+
+    checkpointer = Checkpointer(accelerator, unlearner, trained_models, optimizer, lr_scheduler, None, fingerprint,
+                                save_adapter if args.train_mode == "lora" else None)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("unlearn-sd", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
@@ -529,10 +536,9 @@ def main(args):
         text_encoder_model.to(device)
         pipe.text_encoder = text_encoder_model
         after, per_prompt_after = evaluate(model)
-        metadata = {"method": args.method, "base_model": str(args.pretrained_model_name_or_path)}
         staged = StagedRun(args.output_dir)
         if args.train_mode == "lora":
-            save_lora_weights(model, staged.path, metadata=metadata, text_encoder=text_encoder_model if args.train_text_encoder else None)
+            save_lora_weights(model, staged.path, metadata=adapter_metadata, text_encoder=text_encoder_model if args.train_text_encoder else None)
         else:
             save_full_pipeline(pipe, model, noise_scheduler, staged)
 

@@ -6,6 +6,7 @@ A checkpoint is a folder `checkpoint-<step>` holding only safetensors and JSON f
 checkpoint.json                  manifest: format, step, run fingerprint, validation history, file list,
                                  and the non-tensor parts of every state below
 trainable_weights[_i].safetensors  the trainable parameters of each trained model (LoRA factors or all weights)
+pytorch_lora_weights.safetensors the adapter in diffusers' format (LoRA runs), for trying a checkpoint
 optimizer.safetensors            optimizer state tensors
 lr_scheduler / unlearner / ema / grad_scaler .safetensors   their tensors, if any
 rng_state_<process>.safetensors  each process's Python, NumPy, torch (and CUDA) random states
@@ -36,7 +37,7 @@ import logging
 import os
 import random
 import shutil
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -301,6 +302,9 @@ class Checkpointer:
         models: the trained models (prepared or not); only their trainable parameters are stored.
         optimizer, lr_scheduler, ema: optional training state objects with `state_dict` / `load_state_dict`.
         fingerprint: `run_fingerprint(...)` of this run, stored in every checkpoint and checked on resume.
+        save_adapter: called with the checkpoint folder (main process) to write the trained adapter there in
+            diffusers' `load_lora_weights` format, so an intermediate checkpoint can be tried with plain diffusers
+            (`pipe.load_lora_weights("out/checkpoint-200")`). Resuming does not read it.
     """
 
     def __init__(
@@ -312,8 +316,10 @@ class Checkpointer:
         lr_scheduler=None,
         ema=None,
         fingerprint: Optional[dict[str, Any]] = None,
+        save_adapter: Optional[Callable[[str], Any]] = None,
     ):
         self.accelerator = accelerator
+        self.save_adapter = save_adapter
         self.unlearner = unlearner
         self.models = list(models)
         self.fingerprint = fingerprint or {}
@@ -345,6 +351,8 @@ class Checkpointer:
             for index, model in enumerate(self.models):
                 save_trainable_state(accelerator.unwrap_model(model), tmp, trainable_weights_name(index))
             trees = {name: save_tree(tmp, name, obj.state_dict()) for name, obj in self._stateful().items()}
+            if self.save_adapter is not None:
+                self.save_adapter(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             rng_trees = {}

@@ -163,6 +163,10 @@ def test_checkpoint_holds_only_safetensors_and_json(checkpointed):
     assert manifest["fingerprint"]["method"] == "siss"
     assert {"optimizer", "lr_scheduler", "unlearner"} <= set(manifest["states"])
     assert manifest["states"]["unlearner"]  # the combiner's calibrated norm is stored
+    # The adapter in diffusers' format, equal to what the run (which ended at this step) saved as its output.
+    in_checkpoint = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    final = load_file(str(checkpointed / "pytorch_lora_weights.safetensors"))
+    assert in_checkpoint.keys() == final.keys() and all(torch.equal(in_checkpoint[k], final[k]) for k in final)
 
 
 def test_crafted_pickle_in_a_checkpoint_is_refused_and_never_loaded(workspace, checkpointed, tmp_path):  # noqa: F811

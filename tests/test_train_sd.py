@@ -224,6 +224,18 @@ def test_resume_matches_an_uninterrupted_run(workspace, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
+    # An intermediate checkpoint holds a loadable adapter: plain diffusers takes it, with step 3's weights.
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    step_3 = load_file(str(straight / "checkpoint-3" / "pytorch_lora_weights.safetensors"))
+    assert step_3.keys() == a.keys() and any(not torch.equal(step_3[k], a[k]) for k in a)
+    pipe = StableDiffusionPipeline.from_pretrained(str(workspace / "model"), safety_checker=None)
+    pipe.load_lora_weights(str(straight / "checkpoint-3"), adapter_name="step3")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="step3")
+    assert {f"unet.{k}" for k in loaded} == set(step_3)
+    assert all(torch.equal(loaded[k], step_3[f"unet.{k}"]) for k in loaded)
+
 
 def test_checkpoints_total_limit_and_atomic_names(workspace, tmp_path):
     out = tmp_path / "out"
