@@ -337,7 +337,7 @@ def exclusive_output_dir(main: Main) -> Main:
     """Decorate a script's `main(args)`: on the main process, the whole run holds `args.output_dir`'s lock.
 
     Under the lock, before `main` starts, an interrupted final save of an earlier run is finished or undone
-    (`recover_output_dir`) and `check_output_dir` runs again, since another run may have finished in the folder
+    (`recover_output_dir`), half-written `checkpoint-N.tmp` folders are removed, and `check_output_dir` runs again, since another run may have finished in the folder
     since `parse_args` checked it. Other processes of a distributed launch run `main` directly.
     """
 
@@ -349,6 +349,10 @@ def exclusive_output_dir(main: Main) -> Main:
             done = recover_output_dir(args.output_dir)
             if done:
                 logger.warning("%s: %s.", args.output_dir, done)
+            # A killed run's half-written checkpoint-N.tmp: removed under the lock, so never another run's.
+            from .checkpoints import remove_stale_temporaries
+
+            remove_stale_temporaries(args.output_dir)
             check_output_dir(
                 args.output_dir, overwrite=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint
             )

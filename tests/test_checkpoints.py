@@ -281,6 +281,11 @@ def test_a_kill_while_checkpointing_keeps_the_last_complete_checkpoint(workspace
     assert read_manifest(str(killed / "checkpoint-2"))["step"] == 2  # complete, not pruned early
     assert (killed / "checkpoint-4.tmp").is_dir()
 
+    # The next start removes the half-written folder before doing anything else.
+    with pytest.raises(UserInputError, match="differs in"):
+        run(base_args(workspace, killed, "--max_train_steps", "6", *common, "--resume_from_checkpoint", "latest", "--seed", "9"))
+    assert not (killed / "checkpoint-4.tmp").exists()
+
     run(base_args(workspace, killed, "--max_train_steps", "6", *common, "--resume_from_checkpoint", "latest"))
     assert not [p for p in killed.iterdir() if p.name.endswith(".tmp")]
     assert list_checkpoints(str(killed)) == ["checkpoint-6"]

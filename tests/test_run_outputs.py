@@ -66,7 +66,9 @@ KILL_DURING_SAVE = textwrap.dedent(
         real_save = getattr(script, point)
         def save_then_die(*args, **kwargs):
             real_save(*args, **kwargs)
-            os.kill(os.getpid(), signal.SIGKILL)
+            # Checkpoints save the adapter too; die only in the final save, which writes into the staging folder.
+            if any(".unlearn_staging" in str(getattr(arg, "path", arg)) for arg in args):
+                os.kill(os.getpid(), signal.SIGKILL)
         setattr(script, point, save_then_die)
     script.main(script.parse_args(sys.argv[2:]))
     """
