@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -173,16 +173,26 @@ class BatchPool:
     """Tensors of one set (forget or keep) kept in memory, sampled uniformly with replacement.
 
     `x0` are images or cached latents; `class_labels` / `encoder_hidden_states` (cached prompt
-    embeddings) are optional and indexed alongside. When the text encoder trains, embeddings cannot be
-    cached: give the token ids as `input_ids` and the function that encodes them (with gradients) as
-    `encode`, and each sampled batch gets fresh `encoder_hidden_states`.
+    embeddings) are optional and indexed alongside, as is `added_cond`, a family's extra per-item
+    conditioning by name (SDXL: pooled `text_embeds` and `time_ids`). When the text encoder trains,
+    embeddings cannot be cached: give the token ids as `input_ids` and the function that encodes them
+    (with gradients) as `encode`, and each sampled batch gets fresh `encoder_hidden_states`. `encode` may
+    also return a conditioning dict (a family's `encode_tokens`); its entries then override those of
+    `added_cond` for the batch.
+
+    Example:
+        >>> pool = BatchPool(torch.zeros(10, 4, 8, 8), encoder_hidden_states=torch.zeros(10, 77, 64),
+        ...                  added_cond={"text_embeds": torch.zeros(10, 32), "time_ids": torch.zeros(10, 6)})
+        >>> sorted(pool.sample(3, torch.Generator().manual_seed(0)).added_cond)
+        ['text_embeds', 'time_ids']
     """
 
     x0: torch.Tensor
     class_labels: Optional[torch.Tensor] = None
     encoder_hidden_states: Optional[torch.Tensor] = None
     input_ids: Optional[torch.Tensor] = None
-    encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    encode: Optional[Callable[[torch.Tensor], torch.Tensor | Mapping[str, torch.Tensor]]] = None
+    added_cond: Optional[dict[str, torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         if len(self.x0) == 0:
@@ -191,6 +201,9 @@ class BatchPool:
             raise ValueError("Give input_ids and encode together.")
         if self.input_ids is not None and self.encoder_hidden_states is not None:
             raise ValueError("Give cached encoder_hidden_states or input_ids with encode, not both.")
+        for key, value in (self.added_cond or {}).items():
+            if len(value) != len(self.x0):
+                raise ValueError(f"added_cond[{key!r}] has {len(value)} rows for {len(self.x0)} items.")
 
     def __len__(self) -> int:
         return int(self.x0.shape[0])
@@ -202,9 +215,16 @@ class BatchPool:
             return None if tensor is None else tensor[index].to(device or tensor.device)
 
         hidden = pick(self.encoder_hidden_states)
+        added = {key: pick(value) for key, value in self.added_cond.items()} if self.added_cond else {}
         if self.input_ids is not None:
-            hidden = self.encode(pick(self.input_ids))
-        return DenoisingBatch(pick(self.x0), pick(self.class_labels), hidden)
+            encoded = self.encode(pick(self.input_ids))
+            if isinstance(encoded, Mapping):
+                encoded = dict(encoded)
+                hidden = encoded.pop("encoder_hidden_states", None)
+                added.update(encoded)
+            else:
+                hidden = encoded
+        return DenoisingBatch(pick(self.x0), pick(self.class_labels), hidden, added or None)
 
 
 TRAINABLE_WEIGHTS_NAME = "trainable_weights.safetensors"

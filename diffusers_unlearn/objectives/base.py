@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -14,40 +14,83 @@ from ..noise import NoiseSchedule, check_loss_space, per_sample_loss
 class DenoisingBatch:
     """Clean inputs (images or latents) and their conditioning.
 
-    `class_labels` serve class-conditional UNet2DModels, `encoder_hidden_states`
-    serve UNet2DConditionModels; leave both None for an unconditional model.
+    `class_labels` serve class-conditional UNet2DModels, `encoder_hidden_states` serve UNet2DConditionModels;
+    leave both None for an unconditional model. `added_cond` holds any further per-item conditioning a model
+    family needs, by name (SDXL: `text_embeds` and `time_ids`); every tensor in it has the batch axis first.
+
+    Example:
+        >>> batch = DenoisingBatch(torch.zeros(2, 4, 8, 8), None, torch.zeros(2, 77, 64),
+        ...                        {"text_embeds": torch.zeros(2, 32), "time_ids": torch.zeros(2, 6)})
+        >>> sorted(batch.conditioning())
+        ['encoder_hidden_states', 'text_embeds', 'time_ids']
     """
 
     x0: torch.Tensor
     class_labels: Optional[torch.Tensor] = None
     encoder_hidden_states: Optional[torch.Tensor] = None
+    added_cond: Optional[dict[str, torch.Tensor]] = None
 
     def __len__(self) -> int:
         return int(self.x0.shape[0])
 
+    @classmethod
+    def from_conditioning(cls, x0: torch.Tensor, conditioning: Mapping[str, torch.Tensor]) -> "DenoisingBatch":
+        """A batch from clean inputs and a conditioning dict (as a family's `encode_prompts` returns it):
+        `class_labels` and `encoder_hidden_states` go to their fields, every other entry to `added_cond`.
+
+        Example:
+            >>> cond = {"encoder_hidden_states": torch.zeros(1, 77, 32)}
+            >>> DenoisingBatch.from_conditioning(torch.zeros(1, 4, 8, 8), cond).added_cond is None
+            True
+        """
+        extra = {key: value for key, value in conditioning.items() if key not in _FIELD_CONDITIONING}
+        return cls(x0, conditioning.get("class_labels"), conditioning.get("encoder_hidden_states"), extra or None)
+
+    def conditioning(self) -> dict[str, torch.Tensor]:
+        """Every conditioning tensor by name (the inverse of `from_conditioning`); None fields are left out."""
+        named = {"class_labels": self.class_labels, "encoder_hidden_states": self.encoder_hidden_states}
+        result = {key: value for key, value in named.items() if value is not None}
+        result.update(self.added_cond or {})
+        return result
+
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "DenoisingBatch":
+        """The batch on `device`; with `dtype`, floating-point tensors are cast too (labels and ids stay integer)."""
+
         def move(tensor, float_like):
             if tensor is None:
                 return None
             return tensor.to(device, dtype) if (dtype is not None and float_like) else tensor.to(device)
 
+        added = None
+        if self.added_cond is not None:
+            added = {key: move(value, value.is_floating_point()) for key, value in self.added_cond.items()}
         return DenoisingBatch(
             move(self.x0, True),
             move(self.class_labels, False),
             move(self.encoder_hidden_states, True),
+            added,
         )
 
     def same_conditioning(self, other: "DenoisingBatch") -> bool:
         """True when both batches condition the model identically (one forward pass can serve both)."""
-        for mine, theirs in (
+        mine_added, theirs_added = self.added_cond or {}, other.added_cond or {}
+        if mine_added.keys() != theirs_added.keys():
+            return False
+        pairs = [
             (self.class_labels, other.class_labels),
             (self.encoder_hidden_states, other.encoder_hidden_states),
-        ):
+        ] + [(mine_added[key], theirs_added[key]) for key in mine_added]
+        for mine, theirs in pairs:
             if (mine is None) != (theirs is None):
                 return False
             if mine is not None and (mine.shape != theirs.shape or not torch.equal(mine, theirs)):
                 return False
         return True
+
+
+# The conditioning DenoisingBatch keeps in fields of its own; whatever else a family conditions on goes to
+# `added_cond`.
+_FIELD_CONDITIONING = ("class_labels", "encoder_hidden_states")
 
 
 def concat_conditioning(first: DenoisingBatch, second: DenoisingBatch) -> DenoisingBatch:
@@ -56,10 +99,20 @@ def concat_conditioning(first: DenoisingBatch, second: DenoisingBatch) -> Denois
     def cat(a, b):
         return None if a is None else torch.cat([a, b], dim=0)
 
+    added = None
+    if first.added_cond is not None or second.added_cond is not None:
+        first_added, second_added = first.added_cond or {}, second.added_cond or {}
+        if first_added.keys() != second_added.keys():
+            raise ValueError(
+                "Cannot stack batches with different extra conditioning: "
+                f"{sorted(first_added)} and {sorted(second_added)}."
+            )
+        added = {key: torch.cat([first_added[key], second_added[key]], dim=0) for key in first_added}
     return DenoisingBatch(
         torch.cat([first.x0, second.x0], dim=0),
         cat(first.class_labels, second.class_labels),
         cat(first.encoder_hidden_states, second.encoder_hidden_states),
+        added,
     )
 
 
@@ -71,24 +124,42 @@ class Denoiser:
     metrics and sampling); objectives compare `predict(...)` with `target(...)`, both in `loss_space`
     ("native": the model's own prediction type, its official training loss; "epsilon": noise estimates).
 
+    `call(model, x_t, timesteps, conditioning)` is how a model family runs its model (see
+    `diffusers_unlearn.families`); it gets `batch.conditioning()` and returns the raw output. Without it, the
+    model is called as a diffusers UNet: `class_labels`, `encoder_hidden_states` and, when the batch has extra
+    conditioning, `added_cond_kwargs`.
+
     Example:
         >>> denoiser = Denoiser(unet, NoiseSchedule.from_scheduler(scheduler))
         >>> eps_hat = denoiser(x_t, timesteps, batch)
         >>> loss = per_sample_loss(denoiser.predict(x_t, timesteps, batch), denoiser.target(x_t, batch.x0, timesteps))
+        >>> sdxl = Denoiser(unet, schedule, call=families.get_family("sdxl").call)  # doctest: +SKIP
     """
 
-    def __init__(self, model: torch.nn.Module, schedule: NoiseSchedule, loss_space: str = "native"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        schedule: NoiseSchedule,
+        loss_space: str = "native",
+        call: Optional[Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]] = None,
+    ):
         self.model = model
         self.schedule = schedule
         self.loss_space = check_loss_space(loss_space)
+        self.call = call
 
     def model_output(self, x_t: torch.Tensor, timesteps: torch.Tensor, batch: DenoisingBatch) -> torch.Tensor:
         """The model's raw output (of its own prediction type)."""
+        if self.call is not None:
+            return self.call(self.model, x_t, timesteps, batch.conditioning())
         kwargs = {}
         if batch.class_labels is not None:
             kwargs["class_labels"] = batch.class_labels
         if batch.encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = batch.encoder_hidden_states
+        if batch.added_cond:
+            # UNet2DConditionModel's name for extra conditioning; silently dropping it would be worse.
+            kwargs["added_cond_kwargs"] = dict(batch.added_cond)
         output = self.model(x_t, timesteps, **kwargs)
         return output.sample if hasattr(output, "sample") else output
 
