@@ -544,12 +544,17 @@ def save_lora_weights(
     metadata: Mapping[str, Any] | None = None,
     weight_name: str = DEFAULT_WEIGHT_NAME,
     text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    pipeline_class: type | None = None,
 ) -> str:
     """Save one adapter as a diffusers LoRA file and return the path written.
 
     With `text_encoder` (a transformers text model carrying an adapter of the same name, as with the SD script's
     `--train_text_encoder`), its LoRA goes into the same file under `text_encoder.`, where
-    `StableDiffusionPipeline.load_lora_weights` looks for it.
+    `StableDiffusionPipeline.load_lora_weights` looks for it. `text_encoder_2` (SDXL's second encoder) goes
+    under `text_encoder_2.`. `pipeline_class` is the diffusers pipeline (or LoRA loader mixin) whose
+    `save_lora_weights` class method lays out the file: `StableDiffusionPipeline` by default,
+    `StableDiffusionXLPipeline` when `text_encoder_2` is given.
 
     The file is what `StableDiffusionPipeline.save_lora_weights` writes, for both UNet types: `unet.`-prefixed
     keys and the adapter's `LoraConfig` (rank, alpha, targets) in the header, so loaders restore alpha even when
@@ -562,8 +567,11 @@ def save_lora_weights(
         >>> read_lora_metadata(path)["method"]  # doctest: +SKIP
         'siss'
     """
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
+    if pipeline_class is None:
+        with_second_encoder = text_encoder_2 is not None
+        pipeline_class = StableDiffusionXLLoraLoaderMixin if with_second_encoder else StableDiffusionLoraLoaderMixin
     _check_adapter(model, adapter_name)
     if not weight_name.endswith(".safetensors"):
         raise ValueError(f"weight_name must end with .safetensors, got {weight_name!r}.")
@@ -577,12 +585,16 @@ def save_lora_weights(
     # diffusers stores each component's config with the component's prefix ("unet.r", "unet.lora_alpha", ...)
     # under one header key, and strips the prefix again when loading into that component.
     combined = {f"{UNET_PREFIX}.{key}": value for key, value in adapter_metadata.items()}
-    text_encoder_layers, text_encoder_metadata = None, None
-    if text_encoder is not None:
-        _check_adapter(text_encoder, adapter_name)
-        text_encoder_metadata = _adapter_metadata(text_encoder, adapter_name)
-        combined.update({f"{TEXT_ENCODER_PREFIX}.{key}": value for key, value in text_encoder_metadata.items()})
-        text_encoder_layers = lora_state_dict(text_encoder, adapter_name)
+    # Keyword arguments of the loader's save_lora_weights, e.g. text_encoder_2_lora_layers=...
+    text_encoder_kwargs = {}
+    for prefix, encoder in ((TEXT_ENCODER_PREFIX, text_encoder), (f"{TEXT_ENCODER_PREFIX}_2", text_encoder_2)):
+        if encoder is None:
+            continue
+        _check_adapter(encoder, adapter_name)
+        encoder_metadata = _adapter_metadata(encoder, adapter_name)
+        combined.update({f"{prefix}.{key}": value for key, value in encoder_metadata.items()})
+        text_encoder_kwargs[f"{prefix}_lora_layers"] = lora_state_dict(encoder, adapter_name)
+        text_encoder_kwargs[f"{prefix}_lora_adapter_metadata"] = encoder_metadata
     header = {
         "format": "pt",
         LORA_ADAPTER_METADATA_KEY: json.dumps(combined, indent=2, sort_keys=True),
@@ -598,15 +610,14 @@ def save_lora_weights(
 
     # The pipeline's class method prefixes the keys with "unet." exactly as plain diffusers does. It needs no
     # pipeline instance, and the file layout is the same for a DDPM UNet2DModel.
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
+    pipeline_class.save_lora_weights(
         save_directory=output_dir,
         unet_lora_layers=lora_state_dict(model, adapter_name),
-        text_encoder_lora_layers=text_encoder_layers,
         weight_name=weight_name,
         save_function=atomic_save,
         safe_serialization=True,
         unet_lora_adapter_metadata=adapter_metadata,
-        text_encoder_lora_adapter_metadata=text_encoder_metadata,
+        **text_encoder_kwargs,
     )
     if not written:
         raise RuntimeError(f"diffusers wrote no LoRA file to {output_dir!r}.")
