@@ -74,25 +74,39 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_tiny_sd_pipeline(folder, seed: int = 0) -> str:
-    """A tiny random StableDiffusionPipeline saved to `folder`: 16x16 RGB images, a VAE with scale factor 2
-    (8x8x4 latents), `tiny_condition_unet`, a one-layer CLIP text encoder and a word-level tokenizer."""
+TINY_WORDS = ("a", "digit", "seven", "one", "handwritten", "photo", "of", "cat")
+
+
+def tiny_tokenizer(directory, pad_token=None):
+    """(CLIPTokenizer, vocab) over `TINY_WORDS`, written to `directory`: a word-level vocabulary and an empty
+    merges file (unknown words map to <|endoftext|>). `pad_token="!"` pads as SDXL's second tokenizer does."""
     import json
     import os
 
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{f"{word}</w>": i + 2 for i, word in enumerate(TINY_WORDS)}}
+    if pad_token is not None:
+        vocab[pad_token] = len(vocab)
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    extra = {} if pad_token is None else {"pad_token": pad_token}
+    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=77, **extra), vocab
+
+
+def save_tiny_sd_pipeline(folder, seed: int = 0) -> str:
+    """A tiny random StableDiffusionPipeline saved to `folder`: 16x16 RGB images, a VAE with scale factor 2
+    (8x8x4 latents), `tiny_condition_unet`, a one-layer CLIP text encoder and a word-level tokenizer."""
+    import os
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = str(folder)
-    tokenizer_dir = os.path.join(folder, "_vocab")
-    os.makedirs(tokenizer_dir, exist_ok=True)
-    words = ["a</w>", "digit</w>", "seven</w>", "one</w>", "handwritten</w>", "photo</w>", "of</w>", "cat</w>"]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{word: i + 2 for i, word in enumerate(words)}}
-    with open(os.path.join(tokenizer_dir, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(tokenizer_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    tokenizer, vocab = tiny_tokenizer(os.path.join(folder, "_vocab"))
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -100,15 +114,88 @@ def save_tiny_sd_pipeline(folder, seed: int = 0) -> str:
             num_hidden_layers=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
         )
     )
-    vae = AutoencoderKL(
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_condition_unet(seed),
+        scheduler=DDPMScheduler(num_train_timesteps=1000),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def tiny_sdxl_unet(seed: int = 0, text_width: int = 32, time_embed_dim: int = 8) -> UNet2DConditionModel:
+    """SDXL base's UNet block structure at small widths: DownBlock2D then two cross-attention levels, linear
+    projections, more transformer layers deeper down, and "text_time" added conditioning whose input is six
+    size/crop numbers times `time_embed_dim` plus the pooled text embedding (`text_width`)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=2 * text_width,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + text_width,
+        norm_num_groups=8,
+    )
+
+
+def tiny_vae(**config):
+    """A two-level AutoencoderKL (scale factor 2: 16x16 RGB <-> 8x8x4 latents); `config` overrides entries."""
+    from diffusers import AutoencoderKL
+
+    settings = dict(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), latent_channels=4,
         norm_num_groups=8, sample_size=16, layers_per_block=1,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_condition_unet(seed),
-        scheduler=DDPMScheduler(num_train_timesteps=1000),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    settings.update(config)
+    return AutoencoderKL(**settings)
+
+
+def save_tiny_sdxl_pipeline(folder, seed: int = 0, prediction_type: str = "epsilon") -> str:
+    """A tiny random StableDiffusionXLPipeline saved to `folder`: 16x16 RGB images, a VAE with SDXL's
+    scaling factor and force_upcast, `tiny_sdxl_unet`, a two-layer CLIPTextModel and a three-layer
+    CLIPTextModelWithProjection (so the penultimate layer differs from the last in both), word-level tokenizers
+    (the second pads with "!", as SDXL's does) and SDXL's EulerDiscreteScheduler settings."""
+    import os
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = str(folder)
+    tokenizer, vocab = tiny_tokenizer(os.path.join(folder, "_vocab"))
+    tokenizer_2, vocab_2 = tiny_tokenizer(os.path.join(folder, "_vocab_2"), pad_token="!")
+
+    def text_config(vocab_size, layers, **extra):
+        return CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+            num_hidden_layers=layers, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+            pad_token_id=1, hidden_act="gelu", **extra,
+        )
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config(len(vocab), 2))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(len(vocab_2), 3, projection_dim=32))
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(scaling_factor=0.13025, force_upcast=True),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=tiny_sdxl_unet(seed),
+        scheduler=EulerDiscreteScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+            steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type,
+        ),
+        add_watermarker=False,
     )
     pipe.save_pretrained(folder)
     return folder
