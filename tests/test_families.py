@@ -478,3 +478,25 @@ def test_presets_match_layers_of_the_tiny_sdxl_unet(sdxl_setup):
     family, components, _ = sdxl_setup
     for preset in family.lora_target_presets:
         assert resolve_lora_targets(components["unet"], family.lora_targets(preset))
+
+
+def test_batch_slicing_keeps_extra_conditioning():
+    """VDU's Fisher samples and the likelihood metrics slice batches; SDXL's text_embeds and time_ids go along."""
+    batch = DenoisingBatch(torch.arange(3.0).view(3, 1), None, torch.zeros(3, 2, 4),
+                           {"text_embeds": torch.arange(3.0).view(3, 1), "time_ids": torch.arange(18.0).view(3, 6)})
+    picked = batch.select(torch.tensor([2, 0, 2]))
+    assert picked.x0.flatten().tolist() == [2.0, 0.0, 2.0]
+    assert picked.added_cond["text_embeds"].flatten().tolist() == [2.0, 0.0, 2.0]
+    assert torch.equal(picked.added_cond["time_ids"][1], batch.added_cond["time_ids"][0])
+    assert batch.select(slice(1, 2)).added_cond["time_ids"].shape == (1, 6)
+
+
+def test_likelihood_metrics_run_on_sdxl_conditioning(folders):
+    from diffusers_unlearn.metrics import denoising_losses
+
+    family = families.get_family("sdxl")
+    components = family.load(folders["sdxl"])
+    cond = family.encode_prompts(components, ["a digit", "a cat"])
+    batch = DenoisingBatch.from_conditioning(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), cond)
+    losses = denoising_losses(family.denoiser(components), batch, num_timesteps=3, seed=0, batch_size=4)
+    assert losses.shape == (2,) and torch.isfinite(losses).all()

@@ -45,10 +45,6 @@ def _item_noise(seed: int, index: int, rows: int, shape: torch.Size) -> torch.Te
     return torch.randn((rows, *shape), generator=generator)
 
 
-def _repeat(tensor: Optional[torch.Tensor], times: int) -> Optional[torch.Tensor]:
-    return None if tensor is None else tensor.repeat_interleave(times, dim=0)
-
-
 def _fixed_predictions(
     denoiser: Denoiser,
     batch: DenoisingBatch,
@@ -82,25 +78,14 @@ def _fixed_predictions(
             count = stop - start
             noise = torch.cat([_item_noise(seed, i, rows_per_item, x0_all.shape[1:]) for i in range(start, stop)])
             noise = noise.to(device, x0_all.dtype)
-            x0 = _repeat(x0_all[start:stop], rows_per_item)
+            rows = batch.select(torch.arange(start, stop, device=device).repeat_interleave(rows_per_item))
+            x0 = rows.x0
             timesteps = timesteps_per_item.repeat(count).to(device)
-            rows = DenoisingBatch(
-                x0,
-                _repeat(None if batch.class_labels is None else batch.class_labels[start:stop], rows_per_item),
-                _repeat(
-                    None if batch.encoder_hidden_states is None else batch.encoder_hidden_states[start:stop],
-                    rows_per_item,
-                ),
-            )
             x_t = schedule.add_noise(x0, noise, timesteps)
             predictions = []
             for row in range(0, x0.shape[0], batch_size):
                 part = slice(row, row + batch_size)
-                sub = DenoisingBatch(
-                    x0[part],
-                    None if rows.class_labels is None else rows.class_labels[part],
-                    None if rows.encoder_hidden_states is None else rows.encoder_hidden_states[part],
-                )
+                sub = rows.select(part)
                 predictions.append(denoiser(x_t[part], timesteps[part], sub))
             yield start, count, torch.cat(predictions), noise
 

@@ -71,6 +71,16 @@ class DenoisingBatch:
             added,
         )
 
+    def select(self, index: "slice | torch.Tensor") -> "DenoisingBatch":
+        """The items at `index` (a slice, or a tensor of indices, repeats allowed), every conditioning field
+        included, so code that slices batches never drops a family's extra conditioning."""
+
+        def pick(tensor):
+            return None if tensor is None else tensor[index]
+
+        added = None if self.added_cond is None else {key: value[index] for key, value in self.added_cond.items()}
+        return DenoisingBatch(pick(self.x0), pick(self.class_labels), pick(self.encoder_hidden_states), added)
+
     def same_conditioning(self, other: "DenoisingBatch") -> bool:
         """True when both batches condition the model identically (one forward pass can serve both)."""
         mine_added, theirs_added = self.added_cond or {}, other.added_cond or {}

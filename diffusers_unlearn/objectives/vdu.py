@@ -22,6 +22,7 @@ The paper has no public code; docs/methods/vdu.md says what we chose and why.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -109,11 +110,7 @@ def diagonal_fisher(
         for p in params:
             p.requires_grad_(True)
         for i in range(len(samples)):
-            one = DenoisingBatch(
-                samples.x0[i : i + 1],
-                None if samples.class_labels is None else samples.class_labels[i : i + 1],
-                None if samples.encoder_hidden_states is None else samples.encoder_hidden_states[i : i + 1],
-            )
+            one = samples.select(slice(i, i + 1))
             loss = denoising_loss(denoiser, one, generator).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for f, g in zip(fisher, grads):
@@ -236,11 +233,7 @@ class VDU(UnlearningObjective):
                 if forget_batch is None:
                     raise ValueError("precision='fisher' needs fisher_samples or a forget batch to shape samples.")
                 like = _repeat_batch(forget_batch, self.fisher_num_samples)
-                samples = DenoisingBatch(
-                    sample_ddim(denoiser, like, self.fisher_sampling_steps, generator),
-                    like.class_labels,
-                    like.encoder_hidden_states,
-                )
+                samples = dataclasses.replace(like, x0=sample_ddim(denoiser, like, self.fisher_sampling_steps, generator))
             self._precision = normalize_precision(diagonal_fisher(denoiser, samples, parameters, generator))
         self._prepared = True
 
@@ -293,9 +286,4 @@ class VDU(UnlearningObjective):
 
 
 def _repeat_batch(batch: DenoisingBatch, count: int) -> DenoisingBatch:
-    index = torch.arange(count, device=batch.x0.device) % len(batch)
-    return DenoisingBatch(
-        batch.x0[index],
-        None if batch.class_labels is None else batch.class_labels[index],
-        None if batch.encoder_hidden_states is None else batch.encoder_hidden_states[index],
-    )
+    return batch.select(torch.arange(count, device=batch.x0.device) % len(batch))
