@@ -169,12 +169,16 @@ def noise_norm_per_prompt(
     guidance_scale: float = DEFAULT_TEXT_GUIDANCE,
     return_per_generation: bool = False,
     batch_size: int = 16,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
 ):
     """The noise-norm score of each prompt for a Stable-Diffusion-style pipeline (or a mapping with its `unet`,
     `scheduler`, `tokenizer` and `text_encoder`), averaged over `num_generations` seeded generations.
 
-    Generation i of every prompt starts from the same noise, `initial_latents(pipe, num_generations, seed)[i]`,
-    so scores are paired across prompts and across models (before/after unlearning). `batch_size` samples (prompt
+    Generation i of every prompt starts from the same noise,
+    `initial_latents(pipe, num_generations, seed, height=height, width=width)[i]`, so scores are paired across
+    prompts and across models (before/after unlearning). `height` and `width` are the image size in pixels
+    (default: the model's native size; a mapping needs its `vae` to size latents from pixels). `batch_size` samples (prompt
     and generation pairs, mixed across prompts) go through the UNet together, twice that with the empty-prompt
     branch. The pipeline's scheduler type is used (a fresh copy; the pipeline's own is not touched).
 
@@ -199,7 +203,9 @@ def noise_norm_per_prompt(
     try:
         hidden = _encode_text(pipe, prompts + [""], device, dtype, batch_size)
         prompt_hidden, empty = hidden[:-1], hidden[-1:]
-        latents = _initial_noise(unet, num_generations, seed).to(device, dtype)
+        if (height is not None or width is not None) and _component(pipe, "vae") is None:
+            raise ValueError("Sizing latents from height/width needs the pipeline's `vae` (for its scale factor).")
+        latents = initial_latents(pipe, num_generations, seed, height=height, width=width).to(device, dtype)
 
         def condition_batch(index):
             return (
@@ -288,6 +294,8 @@ def noise_norm_scores(
     seed: int = 0,
     batch_size: int = 16,
     return_per_generation: bool = False,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
 ):
     """Noise-norm memorization score (Wen et al., ICLR 2024) of each prompt, highest for memorized prompts.
 
@@ -303,6 +311,8 @@ def noise_norm_scores(
         seed: fixes the starting noise (and the step noise of stochastic schedulers): same seed, same scores.
         batch_size: samples per UNet call (each call runs the conditional and unconditional branch together).
         return_per_generation: return the (num_prompts, num_generations) tensor instead of per-prompt means.
+        height, width: text-to-image only: the image size in pixels the trajectories run at (default: the
+            model's native size, the UNet's `sample_size` times the VAE scale factor).
 
     Returns:
         `list[float]`, one score per prompt (L2 units of the latent; compare prompts of one model, or one prompt
@@ -328,8 +338,10 @@ def noise_norm_scores(
         return noise_norm_per_prompt(
             pipe_or_components, list(prompts), num_generations, seed, num_inference_steps,
             DEFAULT_TEXT_GUIDANCE if guidance_scale is None else guidance_scale,
-            return_per_generation=return_per_generation, batch_size=batch_size,
+            return_per_generation=return_per_generation, batch_size=batch_size, height=height, width=width,
         )
+    if height is not None or width is not None:
+        raise ValueError("height and width apply to text-to-image pipelines; a UNet2DModel samples at its sample_size.")
     if getattr(unet.config, "num_class_embeds", None) is None:
         raise ValueError(
             "The noise-norm score compares conditional and unconditional predictions, and this UNet is "

@@ -6,7 +6,9 @@ same call gives the same images before and after unlearning, whatever the batch 
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from collections.abc import Mapping
+from typing import Optional, Sequence
 
 import torch
 
@@ -15,15 +17,89 @@ def _image_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1)
 
 
-def initial_latents(pipe, count: int, seed: int, start: int = 0) -> torch.Tensor:
-    """The initial noise of images `start .. start + count - 1` for a given seed, on the CPU, float32."""
-    channels = pipe.unet.config.in_channels
-    size = pipe.unet.config.sample_size
+def _component(pipe, name: str):
+    """A component of a pipeline, or of a mapping of components (None when absent)."""
+    if isinstance(pipe, Mapping):
+        return pipe.get(name)
+    return getattr(pipe, name, None)
+
+
+def vae_scale_factor(pipe) -> int:
+    """Pixels per latent cell: 2^(number of VAE blocks - 1), as diffusers' pipelines compute it; 1 without a VAE
+    (a pixel-space UNet). `pipe` is a pipeline or a mapping of its components."""
+    vae = _component(pipe, "vae")
+    if vae is None:
+        return 1
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_size(pipe, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int]:
+    """(rows, columns) of the latents for images of `height` x `width` pixels. Either defaults to the model's
+    native size (the UNet's `sample_size` times the VAE scale factor, diffusers' default). Raises ValueError
+    when a size is not a multiple of the VAE scale factor."""
+    sample_size = _component(pipe, "unet").config.sample_size
+    native = tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
+    if height is None and width is None:
+        return native
+    factor = vae_scale_factor(pipe)
+    height = native[0] * factor if height is None else int(height)
+    width = native[1] * factor if width is None else int(width)
+    if height < factor or width < factor or height % factor or width % factor:
+        raise ValueError(f"Image size {height}x{width} is not a positive multiple of the VAE scale factor {factor}.")
+    return height // factor, width // factor
+
+
+def initial_latents(
+    pipe, count: int, seed: int, start: int = 0, height: Optional[int] = None, width: Optional[int] = None
+) -> torch.Tensor:
+    """The initial noise of images `start .. start + count - 1` for a given seed, on the CPU, float32.
+
+    `height` and `width` are the image size in pixels (default: the model's native size, see `latent_size`).
+    `pipe` is a pipeline or a mapping with its `unet` (and `vae`, to size latents from pixels)."""
+    channels = _component(pipe, "unet").config.in_channels
+    rows, columns = latent_size(pipe, height, width)
     latents = []
     for index in range(start, start + count):
         generator = torch.Generator("cpu").manual_seed(_image_seed(seed, index))
-        latents.append(torch.randn((channels, size, size), generator=generator))
+        latents.append(torch.randn((channels, rows, columns), generator=generator))
     return torch.stack(latents)
+
+
+@contextlib.contextmanager
+def vae_precision(vae):
+    """Run the VAE in its own dtype, outside any autocast; a float16 VAE whose config sets `force_upcast`
+    (SD's and SDXL's VAEs overflow in float16) runs in float32 meanwhile, as diffusers' pipelines do."""
+    upcast = vae.dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+    if upcast:
+        vae.float()  # not to(dtype), on which diffusers logs a warning every time
+    try:
+        with torch.autocast(vae.device.type, enabled=False):
+            yield
+    finally:
+        if upcast:
+            vae.half()
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Denoiser latents -> what the VAE decodes: the inverse of `families.base.normalize_latents`
+    (`z * latents_std / scaling_factor + latents_mean` with latent statistics, else `z / scaling_factor +
+    shift_factor`), as diffusers' pipelines un-normalise before decoding."""
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is not None and std is not None:
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
+        return latents * std / vae.config.scaling_factor + mean
+    latents = latents / vae.config.scaling_factor
+    shift = vae.config.get("shift_factor")
+    return latents if shift is None else latents + shift
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Denoiser latents -> images in [-1, 1], float32 on the CPU (see `vae_precision`)."""
+    with vae_precision(vae):
+        images = vae.decode(unscale_latents(vae, latents.to(vae.device, vae.dtype)), return_dict=False)[0]
+    # diffusers' postprocessing to [0, 1] and back, so float32 results equal the pipeline's own "pt" output.
+    return (images * 0.5 + 0.5).clamp(0, 1).float().cpu() * 2 - 1
 
 
 @torch.no_grad()
@@ -35,11 +111,16 @@ def generate_images(
     num_inference_steps: int = 25,
     guidance_scale: float = 7.5,
     batch_size: int = 64,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
 ) -> list[torch.Tensor]:
     """`num_per_prompt` images for each prompt, as one tensor in [-1, 1] of shape (N, C, H, W) per prompt.
 
     Image i of every prompt starts from the same noise (see `initial_latents`), so prompts and models are
-    compared on paired samples.
+    compared on paired samples. `height` and `width` (pixels) default to the model's native size. The pipeline
+    returns latents, which `decode_latents` turns into images: the VAE runs outside autocast (float32 if it
+    must be upcast) and no safety checker runs, since the metrics need the model's own images. Run the call
+    under autocast for a model whose weights are in several dtypes (half-precision base, float32 adapter).
 
     Example:
         >>> before = generate_images(pipe, ["a handwritten digit seven"], 64, seed=0)[0]  # doctest: +SKIP
@@ -48,20 +129,24 @@ def generate_images(
         raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}.")
     device = pipe.unet.device
     dtype = pipe.unet.dtype
+    rows, columns = latent_size(pipe, height, width)
+    factor = vae_scale_factor(pipe)
     results = []
     for prompt in prompts:
         images = []
         for start in range(0, num_per_prompt, batch_size):
             count = min(batch_size, num_per_prompt - start)
-            latents = initial_latents(pipe, count, seed, start).to(device, dtype)
+            latents = initial_latents(pipe, count, seed, start, rows * factor, columns * factor).to(device, dtype)
             output = pipe(
                 [prompt] * count,
+                height=rows * factor,
+                width=columns * factor,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 latents=latents,
-                output_type="pt",
+                output_type="latent",
             ).images
-            images.append(output.float().cpu() * 2 - 1)
+            images.append(decode_latents(pipe.vae, output))
         results.append(torch.cat(images).clamp(-1, 1))
     return results
 
@@ -77,12 +162,18 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
 def encode_latents(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Scaled VAE latents (the mode of the latent distribution, so caching is deterministic), float32 on CPU.
 
+    `families.base.normalize_latents` applies the VAE's scaling factor and, when its config has them,
+    `shift_factor` or `latents_mean`/`latents_std`; `vae_precision` keeps a float16 VAE that must be upcast in
+    float32.
     Computed once before training, so the VAE can leave the accelerator while the UNet trains.
     """
+    from ..families.base import normalize_latents
+
     latents = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size].to(vae.device, vae.dtype)
-        latents.append(vae.encode(chunk).latent_dist.mode().float().cpu() * vae.config.scaling_factor)
+    with vae_precision(vae):
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size].to(vae.device, vae.dtype)
+            latents.append(normalize_latents(vae.encode(chunk).latent_dist.mode().float().cpu(), vae.config))
     return torch.cat(latents)
 
 
