@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -255,10 +256,14 @@ def train_adapter(
     `n` and `k` from the pool sizes unless `hyperparameters` sets them. Returns the UNet (with its trained
     adapter) and the unlearner. The pipelines' `unlearn(...)` calls this.
 
+    A UNet in float16 or bfloat16 stays so (frozen); the adapter trains in float32 and the steps run under
+    autocast in the UNet's dtype, as diffusers' LoRA scripts do. float16 has no loss scaling here; prefer bfloat16.
+
     Example:
         >>> unet, _ = train_adapter(unet, schedule, forget_pool, keep_pool, method="siss", max_train_steps=50)
     """
     from accelerate import Accelerator
+    from diffusers.training_utils import cast_training_params
 
     from .lora import add_lora, make_optimizer, trainable_parameters
     from .objectives import OBJECTIVES, Denoiser
@@ -272,19 +277,25 @@ def train_adapter(
     if objective.needs_keep and keep_pool is None:
         raise ValueError(f"Method {method!r} needs a keep set.")
     accelerator = Accelerator(cpu=not next(unet.parameters()).is_cuda)
+    base_dtype = unet.dtype
     unet = add_lora(unet, rank=rank, lora_alpha=lora_alpha, targets=lora_targets, adapter_name=adapter_name)
+    cast_training_params(unet, torch.float32)  # peft makes the adapter in the base weights' dtype
     optimizer = make_optimizer(trainable_parameters(unet), learning_rate)
     denoiser = Denoiser(unet, schedule, loss_space)
     device = next(unet.parameters()).device
+    half = base_dtype in (torch.float16, torch.bfloat16)
+    autocast = torch.autocast(device.type, dtype=base_dtype) if half else contextlib.nullcontext()
     first = forget_pool.sample(min(len(forget_pool), 64), step_generator(seed, -1), device)
-    objective.prepare(denoiser, first, generator=step_generator(seed, -1))
+    with autocast:
+        objective.prepare(denoiser, first, generator=step_generator(seed, -1))
     unlearner = Unlearner(objective, denoiser, optimizer, accelerator, None, max_grad_norm)
     was_training = unet.training
     unet.train()
-    run_unlearning_loop(
-        accelerator, unlearner, forget_pool, keep_pool, output_dir=output_dir, max_train_steps=max_train_steps,
-        train_batch_size=train_batch_size, seed=seed, desc=f"Unlearning ({method})",
-    )
+    with autocast:
+        run_unlearning_loop(
+            accelerator, unlearner, forget_pool, keep_pool, output_dir=output_dir, max_train_steps=max_train_steps,
+            train_batch_size=train_batch_size, seed=seed, desc=f"Unlearning ({method})",
+        )
     unet.train(was_training)
     unet.requires_grad_(False)
     return unet, unlearner

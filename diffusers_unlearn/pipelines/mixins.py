@@ -188,6 +188,8 @@ class UnlearningMixin:
         seed: int = 0,
         batch_size: int = 16,
         return_per_generation: bool = False,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
     ):
         """The noise-norm memorization score (Wen et al., ICLR 2024) of each prompt: the mean over the sampling
         steps of ||eps(x_t, prompt) - eps(x_t, "")||, averaged over `num_generations` seeded generations. High for
@@ -196,7 +198,9 @@ class UnlearningMixin:
 
         For a text-to-image pipeline `guidance_scale` defaults to 7.5. For a class-conditional DDPM the "prompts"
         are class labels, scored against the null label with guidance 3.0 by default; an unconditional DDPM has
-        nothing to score and raises ValueError. See `diffusers_unlearn.metrics.noise_norm_scores`.
+        nothing to score and raises ValueError. `height` and `width` (text-to-image only) are the image size in
+        pixels the trajectories run at; they default to the model's native size, as the pipeline's own call does.
+        See `diffusers_unlearn.metrics.noise_norm_scores`.
 
         Example:
             >>> pipe = UnlearnStableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
@@ -213,6 +217,7 @@ class UnlearningMixin:
         return noise_norm_scores(
             self, list(prompts), num_generations=num_generations, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, return_per_generation=return_per_generation,
+            height=height, width=width,
         )
 
     def unlearn(
@@ -229,6 +234,7 @@ class UnlearningMixin:
         keep_from_generations: int = 16,
         memorization_threshold: Optional[float] = None,
         seed: int = 0,
+        resolution: Optional[int] = None,
         **hyperparameters,
     ) -> str:
         """Train an unlearning adapter in process and attach it (strength 1); returns the adapter name.
@@ -238,7 +244,10 @@ class UnlearningMixin:
         without `keep`, `keep_from_generations` images per forget prompt are generated and those farther than
         `memorization_threshold` (pixel L2 in [0, 1] units; default an RMS difference of 0.1) from every forget
         image (and from every generation already rejected, see `data.filter_far_from`) form the keep set. A
-        near-copy that slips into the keep set teaches the model to keep what it should forget. For a DDPM pipeline `forget` and `keep` are image tensors (N, C, H, W) in [-1, 1].
+        near-copy that slips into the keep set teaches the model to keep what it should forget. `resolution` is the
+        square image size in pixels the text-to-image adapter trains and generates at (default: the model's
+        native size); PIL images are resized to it and tensors must have it. A pipeline loaded in bfloat16 (or
+        float16) keeps its weights so; the adapter trains in float32 under autocast. For a DDPM pipeline `forget` and `keep` are image tensors (N, C, H, W) in [-1, 1].
         `hyperparameters` go to the method (for example `scaling_norm=0.5` for SISS).
 
         Example:
@@ -261,16 +270,19 @@ class UnlearningMixin:
             raise ValueError(f"The pipeline already has an adapter named {adapter_name!r}; pass another adapter_name.")
         schedule = NoiseSchedule.from_scheduler(self.scheduler)
         if self._is_text_to_image:
-            from .text_to_image import encode_latents, encode_prompts, generate_images, tokenize
+            from .text_to_image import encode_latents, encode_prompts, generate_images, latent_size, tokenize
 
-            resolution = self.unet.config.sample_size * self.vae_scale_factor
+            if resolution is None:
+                resolution = latent_size(self)[0] * self.vae_scale_factor
+            latent_size(self, resolution, resolution)  # a multiple of the VAE scale factor
             channels = self.vae.config.in_channels
             forget_images, forget_prompts = _pairs(forget, resolution, channels, "forget")
             if keep is None:
                 threshold = memorization_threshold or 0.1 * (channels * resolution * resolution) ** 0.5
                 kept, kept_prompts = [], []
                 prompts = list(dict.fromkeys(forget_prompts))
-                generations = generate_images(self, prompts, keep_from_generations, seed=seed + 1)
+                with _autocast_for(self.unet):
+                    generations = generate_images(self, prompts, keep_from_generations, seed=seed + 1, height=resolution, width=resolution)
                 for prompt, images in zip(prompts, generations):
                     own = forget_images[[i for i, p in enumerate(forget_prompts) if p == prompt]]
                     far, near = filter_far_from(images, own, threshold)
@@ -304,6 +316,17 @@ class UnlearningMixin:
         return adapter_name
 
 
+def _autocast_for(model: torch.nn.Module):
+    """Autocast in the model's dtype when it is half precision (a bfloat16 pipeline with a float32 adapter),
+    else nothing: float32 results stay bit for bit as they were."""
+    import contextlib
+
+    dtype = model.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(model.device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
 def _pairs(items, resolution: int, channels: int, what: str) -> tuple[torch.Tensor, list[str]]:
     """(image, prompt) pairs -> images (N, C, H, W) in [-1, 1] at the pipeline's resolution, and prompts."""
     from PIL import Image
@@ -319,7 +342,10 @@ def _pairs(items, resolution: int, channels: int, what: str) -> tuple[torch.Tens
             image = _to_tensor(image, resolution, channels, f"{what}[{index}]", [])
         image = torch.as_tensor(image).float()
         if image.shape != (channels, resolution, resolution):
-            raise ValueError(f"{what}[{index}] has shape {tuple(image.shape)}; expected {(channels, resolution, resolution)}.")
+            raise ValueError(
+                f"{what}[{index}] has shape {tuple(image.shape)}; expected {(channels, resolution, resolution)} "
+                "(pass resolution= to train at another square size)."
+            )
         images.append(image)
         prompts.append(prompt.strip())
     if not images:
