@@ -27,8 +27,9 @@ import time
 import diffusers_unlearn  # noqa: F401  isort: skip
 import torch
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusers_unlearn import data as unlearn_data
@@ -86,7 +87,7 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace the finished run in --output_dir (its outputs are swapped out when this run finishes; checkpoints and logs stay).")
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample_size times the VAE scale factor.")
+    parser.add_argument("--resolution", type=int, default=None, help="Square size in pixels that images are trained and generated at (every generation: keep set, evaluation, validation, noise norm). Default: the UNet's sample_size times the VAE scale factor.")
     parser.add_argument("--center_crop", action="store_true", help="Crop non-square images to their centre square before resizing (default: resize the whole image).")
     parser.add_argument("--random_flip", action="store_true", help="Also train on horizontally flipped copies.")
     # Optimization.
@@ -104,7 +105,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     # Memory and precision.
     parser.add_argument("--use_8bit_adam", action="store_true")
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="As in train_text_to_image_lora.py: frozen weights in this dtype, trained ones (LoRA, or the whole UNet with --train_mode full) in float32, forward passes under autocast. A VAE with force_upcast stays float32 under fp16.")
     parser.add_argument("--allow_tf32", action="store_true")
     parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     parser.add_argument("--rank", type=int, default=4)
@@ -223,7 +224,7 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
     elif args.forget_images:
         forget = unlearn_data.load_prompted_images(args.forget_images, args.forget_prompts or [], resolution, channels, "forget", center_crop=args.center_crop)
     elif args.memorized_prompts_file:
-        forget, keep = forget_from_generations(args, pipe, unlearn_data.read_prompts_file(args.memorized_prompts_file), threshold)
+        forget, keep = forget_from_generations(args, pipe, unlearn_data.read_prompts_file(args.memorized_prompts_file), threshold, resolution)
     else:  # the toy: its canary, under the prompt it shares with one digit class
         from diffusers_unlearn.toy.text_to_image import canary_forget_set
 
@@ -234,7 +235,7 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
         keep = unlearn_data.load_image_folder(args.keep_data_dir, resolution, channels, "keep", require_text=True, center_crop=args.center_crop)
     elif args.keep_from_generations:
         prompts = sorted(set(forget.texts))
-        generations = generate_images(pipe, prompts, args.keep_from_generations, seed=args.seed + 1, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size)
+        generations = generate_images(pipe, prompts, args.keep_from_generations, seed=args.seed + 1, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)
         kept, texts = [], []
         for prompt, images in zip(prompts, generations):
             own = forget.images[[i for i, text in enumerate(forget.texts) if text == prompt]]
@@ -261,10 +262,10 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
     return forget, keep, heldout
 
 
-def forget_from_generations(args, pipe, prompts, threshold):
+def forget_from_generations(args, pipe, prompts, threshold, resolution):
     """SISS's recipe for memorized prompts without images: per prompt, the generations that collapse onto one
     image are the forget set and the others the keep set (both under that prompt)."""
-    generations = generate_images(pipe, prompts, args.num_forget_generations, seed=args.seed + 2, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size)
+    generations = generate_images(pipe, prompts, args.num_forget_generations, seed=args.seed + 2, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)
     forget_images, forget_texts, keep_images, keep_texts = [], [], [], []
     for prompt, images in zip(prompts, generations):
         members = unlearn_data.largest_cluster(images, threshold)
@@ -312,11 +313,17 @@ def main(args):
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision, cache_dir=args.cache_dir)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant, cache_dir=args.cache_dir)
+    # Mixed precision as in train_text_to_image_lora.py: frozen weights (the text encoder, and the UNet under LoRA)
+    # in the half-precision dtype, trainable ones in float32, forward passes under autocast. Full fine-tuning keeps
+    # float32 master weights. A VAE that overflows in float16 (config force_upcast, AutoencoderKL's default) stays
+    # in float32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    vae_dtype = torch.float32 if weight_dtype == torch.float16 and vae_config.get("force_upcast", True) else weight_dtype
+    unet_dtype = weight_dtype if args.train_mode == "lora" else torch.float32
     # The dtype at loading, not with vae.to(dtype): diffusers warns on every such cast ("modules ... should be kept
     # in float32: []"), even when there are none.
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant, cache_dir=args.cache_dir, torch_dtype=weight_dtype)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant, cache_dir=args.cache_dir)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant, cache_dir=args.cache_dir, torch_dtype=vae_dtype)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant, cache_dir=args.cache_dir, torch_dtype=unet_dtype)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.requires_grad_(False)
@@ -348,7 +355,8 @@ def main(args):
             threshold = 0.1 * (vae_config["in_channels"] * resolution * resolution) ** 0.5
 
     # Data, validated before any training; then latents and prompt embeddings, computed once.
-    forget, keep, heldout = load_forget_and_keep(args, pipe, resolution, threshold)
+    with accelerator.autocast():  # generations (--keep_from_generations, --memorized_prompts_file)
+        forget, keep, heldout = load_forget_and_keep(args, pipe, resolution, threshold)
     for image_set in (forget, keep, heldout):
         if image_set is not None:
             unlearn_data.log_notices(image_set, logger.info)
@@ -387,12 +395,15 @@ def main(args):
         classifier = load_classifier()
 
     def evaluate(model):
-        model = accelerator.unwrap_model(model)
+        with accelerator.autocast():  # a no-op without --mixed_precision
+            return evaluate_in_precision(accelerator.unwrap_model(model))
+
+    def evaluate_in_precision(model):
         was_training = model.training
         model.eval()
         pipe.unet = model
         report, per_prompt = {}, {}
-        generations = generate_images(pipe, forget_prompts, args.num_eval_images, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size)
+        generations = generate_images(pipe, forget_prompts, args.num_eval_images, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)
         rates = []
         for prompt, images in zip(forget_prompts, generations):
             own = forget.images[[i for i, text in enumerate(forget.texts) if text == prompt]]
@@ -405,14 +416,14 @@ def main(args):
         if args.noise_norm_generations:
             from diffusers_unlearn.metrics import noise_norm_per_prompt
 
-            scores = noise_norm_per_prompt(pipe, forget_prompts + toy_prompts, args.noise_norm_generations, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+            scores = noise_norm_per_prompt(pipe, forget_prompts + toy_prompts, args.noise_norm_generations, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution)
             for prompt, score in zip(forget_prompts + toy_prompts, scores):
                 per_prompt.setdefault(prompt, {})["noise_norm"] = score
             report["noise_norm"] = sum(scores[: len(forget_prompts)]) / len(forget_prompts)
             if toy_prompts:
                 report["other_prompts_noise_norm"] = sum(scores[len(forget_prompts):]) / len(toy_prompts)
         if classifier is not None:
-            report.update(toy_quality(pipe, classifier, toy_prompts, forget_prompts, generations, forget.images, threshold, per_prompt, args))
+            report.update(toy_quality(pipe, classifier, toy_prompts, forget_prompts, generations, forget.images, threshold, per_prompt, args, resolution))
         denoiser = Denoiser(model, schedule)
         sets = {"forget": (forget_latents, forget_hidden), "keep": (keep_latents, keep_hidden)}
         if heldout_cache is not None:
@@ -444,7 +455,9 @@ def main(args):
         unet = add_lora(unet, rank=args.rank, lora_alpha=args.lora_alpha, targets=args.lora_targets)
         if args.train_text_encoder:
             text_encoder = add_text_encoder_lora(text_encoder, rank=args.rank, lora_alpha=args.lora_alpha)
-            text_encoder.to(device, torch.float32)
+            text_encoder.to(device)
+        # peft makes the adapter in the frozen weights' dtype; it trains in float32 (cast_training_params).
+        cast_training_params([unet, text_encoder] if args.train_text_encoder else unet, dtype=torch.float32)
     else:
         unet = prepare_full_finetune(unet)
     if args.gradient_checkpointing:
@@ -464,7 +477,8 @@ def main(args):
     )
 
     denoiser = Denoiser(unet, schedule, args.loss_space)
-    objective.prepare(denoiser, DenoisingBatch(forget_latents.to(device), None, forget_hidden.to(device)), generator=step_generator(args.seed, -1))
+    with accelerator.autocast():
+        objective.prepare(denoiser, DenoisingBatch(forget_latents.to(device), None, forget_hidden.to(device)), generator=step_generator(args.seed, -1))
     if args.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
@@ -502,7 +516,8 @@ def main(args):
         pipe.unet = model
         vae.to(device)
         text_encoder.to(device)
-        images = generate_images(pipe, [validation_prompt], args.num_validation_images, seed=args.seed + 3, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size)[0]
+        with accelerator.autocast():
+            images = generate_images(pipe, [validation_prompt], args.num_validation_images, seed=args.seed + 3, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)[0]
         vae.to("cpu")
         if not args.train_text_encoder:
             text_encoder.to("cpu")
@@ -540,7 +555,7 @@ def main(args):
         if args.train_mode == "lora":
             save_lora_weights(model, staged.path, metadata=adapter_metadata, text_encoder=text_encoder_model if args.train_text_encoder else None)
         else:
-            save_full_pipeline(pipe, model, noise_scheduler, staged)
+            save_full_pipeline(args, model, staged)
 
         images = {}
         scale = max(1, 64 // resolution)
@@ -586,14 +601,14 @@ def main(args):
     accelerator.end_training()
 
 
-def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generations, forget_images, threshold, per_prompt, args):
+def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generations, forget_images, threshold, per_prompt, args, resolution):
     """The tiny toy only: digit accuracy (the bundled classifier) of every prompt's generations; for the forget
     prompt, canary copies are left out so the accuracy measures the normal images."""
     from diffusers_unlearn.metrics import nearest_distances
     from diffusers_unlearn.toy.text_to_image import DIGIT_PROMPTS, digit_accuracy
 
     report = {}
-    generations = generate_images(pipe, toy_prompts, args.num_other_prompt_images, seed=args.seed + 5, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size) if toy_prompts else []
+    generations = generate_images(pipe, toy_prompts, args.num_other_prompt_images, seed=args.seed + 5, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution) if toy_prompts else []
     accuracies = []
     for prompt, images in zip(toy_prompts, generations):
         accuracy = digit_accuracy(classifier, images, DIGIT_PROMPTS.index(prompt))
@@ -608,13 +623,45 @@ def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generation
     return report
 
 
-def save_full_pipeline(pipe, unet, noise_scheduler, staged):
-    """The fine-tuned pipeline, saved with plain diffusers class names into the staging folder."""
-    pipeline = StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet, scheduler=noise_scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+def save_full_pipeline(args, unet, staged):
+    """The fine-tuned pipeline, for plain `StableDiffusionPipeline.from_pretrained(--output_dir)`: the base
+    model's own components (scheduler class and config, safety checker and feature extractor when it has them),
+    each in the dtype its base files hold, with only the UNet's weights replaced. Written into the staging folder."""
+    folder = args.pretrained_model_name_or_path
+    if not os.path.isdir(folder):  # a Hub id: the cached snapshot (fetching components the run did not load)
+        folder = DiffusionPipeline.download(folder, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    dtypes = stored_dtypes(folder, args.variant)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        folder, variant=args.variant, unet=unet.to(dtypes.get("unet", torch.float32)),
+        torch_dtype={**dtypes, "default": torch.float32},
     )
     save_pipeline_into(pipeline, staged)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtypes(folder, variant=None):
+    """{component: dtype} of the floating-point weights in each component's safetensors files (the variant's
+    when it has them), read from the file headers; components without such files are left out."""
+    import json
+
+    dtypes = {}
+    for name in sorted(os.listdir(folder)):
+        subfolder = os.path.join(folder, name)
+        if not os.path.isdir(subfolder):
+            continue
+        files = sorted(f for f in os.listdir(subfolder) if f.endswith(".safetensors"))
+        # model.safetensors, model-00001-of-00002.safetensors; model.fp16.safetensors, model.fp16-00001-of-....
+        tagged = [f for f in files if variant and len(f.split(".")) == 3 and f.split(".")[1].split("-")[0] == variant]
+        plain = [f for f in files if len(f.split(".")) == 2]
+        for file_name in (tagged or plain)[:1]:
+            with open(os.path.join(subfolder, file_name), "rb") as handle:
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+            found = [SAFETENSORS_DTYPES[v["dtype"]] for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES]
+            if found:
+                dtypes[name] = found[0]
+    return dtypes
 
 
 def print_prompt_table(per_prompt):
