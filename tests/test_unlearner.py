@@ -7,22 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from diffusers_unlearn.gradients import NonFiniteError
 from diffusers_unlearn.objectives import DenoisingBatch, get_objective
 from diffusers_unlearn.unlearner import Unlearner, cycle
 
 from tiny_models import batches, trainable
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def snapshot(model):
