@@ -39,6 +39,7 @@ _LAZY = {
     "load_lora_weights": "lora",
     "make_optimizer": "lora",
     "recover_output_dir": "outputs",
+    "UnlearnStableDiffusionXLPipeline": "pipelines",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -75,8 +75,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
         path = toy_model_path("sd_tiny")
     dtype = getattr(torch, args.dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path, revision=args.revision, variant=args.variant, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    from .families import family_for_folder
+
+    family = family_for_folder(path, revision=args.revision)
+    pipeline_class = family.plain_pipeline_class
+    extra = {"safety_checker": None, "requires_safety_checker": False} if pipeline_class is StableDiffusionPipeline else {}
+    pipe = pipeline_class.from_pretrained(
+        path, revision=args.revision, variant=args.variant, torch_dtype=dtype, **extra
     ).to(args.device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)  # deterministic steps
     pipe.set_progress_bar_config(disable=True)

@@ -249,6 +249,7 @@ def train_adapter(
     max_grad_norm: float = 1.0,
     seed: int = 0,
     output_dir: str = ".",
+    call=None,
 ) -> tuple[torch.nn.Module, Unlearner]:
     """Attach a LoRA adapter to `unet` and train it with an unlearning objective: the scripts' loop, in process.
 
@@ -281,7 +282,7 @@ def train_adapter(
     unet = add_lora(unet, rank=rank, lora_alpha=lora_alpha, targets=lora_targets, adapter_name=adapter_name)
     cast_training_params(unet, torch.float32)  # peft makes the adapter in the base weights' dtype
     optimizer = make_optimizer(trainable_parameters(unet), learning_rate)
-    denoiser = Denoiser(unet, schedule, loss_space)
+    denoiser = Denoiser(unet, schedule, loss_space, call=call)  # `call`: a model family's way to run the UNet
     device = next(unet.parameters()).device
     half = base_dtype in (torch.float16, torch.bfloat16)
     autocast = torch.autocast(device.type, dtype=base_dtype) if half else contextlib.nullcontext()

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ..pipelines.text_to_image import _image_seed, initial_latents
+from ..pipelines.text_to_image import _image_seed, initial_latents, vae_scale_factor
 
 DEFAULT_TEXT_GUIDANCE = 7.5
 DEFAULT_CLASS_GUIDANCE = 3.0
@@ -63,7 +63,7 @@ def noise_norm_along_trajectory(
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     sample = latents * scheduler.init_noise_sigma
     total = torch.zeros(latents.shape[0], dtype=torch.float32, device=latents.device)
-    both = {key: torch.cat([unconditional[key], conditional[key]]) for key in conditional}
+    both = {key: _cat_branches(unconditional[key], conditional[key]) for key in conditional}
     timesteps = scheduler.timesteps
     for t in timesteps:
         model_input = scheduler.scale_model_input(torch.cat([sample, sample]), t)
@@ -74,6 +74,48 @@ def noise_norm_along_trajectory(
         guided = uncond + guidance_scale * (cond - uncond)
         sample = scheduler.step(guided.to(sample.dtype), t, sample, **step_kwargs).prev_sample
     return (total / len(timesteps)).cpu()
+
+
+def _cat_branches(unconditional, conditional):
+    """Both branches in one batch; nested dicts (SDXL's `added_cond_kwargs`) entry by entry."""
+    if isinstance(conditional, Mapping):
+        return {key: torch.cat([unconditional[key], conditional[key]]) for key in conditional}
+    return torch.cat([unconditional, conditional])
+
+
+def _is_sdxl(pipe_or_components) -> bool:
+    """An SDXL pipeline or mapping: it has a second text encoder (`text_encoder_2`)."""
+    return _component(pipe_or_components, "text_encoder_2") is not None
+
+
+def _force_zeros_for_empty_prompt(pipe_or_components) -> bool:
+    """SDXL's config flag (True unless the pipeline config says otherwise, as in StableDiffusionXLPipeline)."""
+    config = None if isinstance(pipe_or_components, Mapping) else getattr(pipe_or_components, "config", None)
+    if isinstance(pipe_or_components, Mapping) and "force_zeros_for_empty_prompt" in pipe_or_components:
+        return bool(pipe_or_components["force_zeros_for_empty_prompt"])
+    return bool(getattr(config, "force_zeros_for_empty_prompt", True)) if config is not None else True
+
+
+@torch.no_grad()
+def _sdxl_conditioning(pipe_or_components, prompts: Sequence[str], device, dtype, target_size) -> tuple[dict, dict]:
+    """(conditional kwargs for all prompts, unconditional kwargs for one sample) of SDXL's UNet, as
+    StableDiffusionXLPipeline builds them for guidance: the unconditional branch is zeros (hidden states and
+    pooled embeddings) when `force_zeros_for_empty_prompt` is set, else the encoded empty prompt; `time_ids`
+    describe an uncropped image at `target_size` in both branches."""
+    from ..families import get_family
+
+    family = get_family("sdxl")
+    names = ("unet", "vae", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+    components = {name: _component(pipe_or_components, name) for name in names}
+    cond = family.encode_prompts(components, list(prompts) + [""], target_size=target_size)
+    cond = {key: value.to(device, dtype) for key, value in cond.items()}
+    hidden, pooled, time_ids = cond["encoder_hidden_states"], cond["text_embeds"], cond["time_ids"]
+    empty_hidden, empty_pooled = hidden[-1:], pooled[-1:]
+    if _force_zeros_for_empty_prompt(pipe_or_components):
+        empty_hidden, empty_pooled = torch.zeros_like(empty_hidden), torch.zeros_like(empty_pooled)
+    conditional = {"encoder_hidden_states": hidden[:-1], "text_embeds": pooled[:-1], "time_ids": time_ids[:-1]}
+    unconditional = {"encoder_hidden_states": empty_hidden, "text_embeds": empty_pooled, "time_ids": time_ids[-1:]}
+    return conditional, unconditional
 
 
 def epsilon_difference_scale(scheduler, timestep) -> float:
@@ -201,17 +243,32 @@ def noise_norm_per_prompt(
     was_training = unet.training
     unet.eval()
     try:
-        hidden = _encode_text(pipe, prompts + [""], device, dtype, batch_size)
-        prompt_hidden, empty = hidden[:-1], hidden[-1:]
         if (height is not None or width is not None) and _component(pipe, "vae") is None:
             raise ValueError("Sizing latents from height/width needs the pipeline's `vae` (for its scale factor).")
         latents = initial_latents(pipe, num_generations, seed, height=height, width=width).to(device, dtype)
+        if _is_sdxl(pipe):
+            scale = vae_scale_factor(pipe)
+            target = (latents.shape[-2] * scale, latents.shape[-1] * scale)
+            cond, uncond = _sdxl_conditioning(pipe, prompts, device, dtype, target)
 
-        def condition_batch(index):
-            return (
-                {"encoder_hidden_states": prompt_hidden[index.to(device)]},
-                {"encoder_hidden_states": empty.expand(len(index), -1, -1)},
-            )
+            def condition_batch(index):
+                index = index.to(device)
+                added = {key: cond[key][index] for key in ("text_embeds", "time_ids")}
+                empty_added = {key: uncond[key].expand(len(index), -1) for key in ("text_embeds", "time_ids")}
+                return (
+                    {"encoder_hidden_states": cond["encoder_hidden_states"][index], "added_cond_kwargs": added},
+                    {"encoder_hidden_states": uncond["encoder_hidden_states"].expand(len(index), -1, -1),
+                     "added_cond_kwargs": empty_added},
+                )
+        else:
+            hidden = _encode_text(pipe, prompts + [""], device, dtype, batch_size)
+            prompt_hidden, empty = hidden[:-1], hidden[-1:]
+
+            def condition_batch(index):
+                return (
+                    {"encoder_hidden_states": prompt_hidden[index.to(device)]},
+                    {"encoder_hidden_states": empty.expand(len(index), -1, -1)},
+                )
 
         table = _score_pairs(
             unet, scheduler, latents, len(prompts), condition_batch, num_inference_steps, guidance_scale, seed, batch_size

@@ -11,6 +11,7 @@ import importlib
 _LAZY = {
     "UnlearningMixin": "mixins",
     "UnlearnStableDiffusionPipeline": "stable_diffusion",
+    "UnlearnStableDiffusionXLPipeline": "stable_diffusion_xl",
     "generate_images": "text_to_image",
     "ClassConditionalDDPMPipeline": "ddpm",
     "UnlearnDDPMPipeline": "ddpm",
