@@ -260,7 +260,6 @@ class UnlearningMixin:
             >>> from diffusers_unlearn.lora import save_lora_weights
             >>> save_lora_weights(pipe.unet, "forget-canary", adapter_name="siss")  # a file plain diffusers loads
         """
-        from ..data import filter_far_from
         from ..noise import NoiseSchedule
         from ..training import train_adapter
         from ..unlearner import BatchPool
@@ -279,19 +278,10 @@ class UnlearningMixin:
             forget_images, forget_prompts = _pairs(forget, resolution, channels, "forget")
             if keep is None:
                 threshold = memorization_threshold or 0.1 * (channels * resolution * resolution) ** 0.5
-                kept, kept_prompts = [], []
                 prompts = list(dict.fromkeys(forget_prompts))
                 with _autocast_for(self.unet):
                     generations = generate_images(self, prompts, keep_from_generations, seed=seed + 1, height=resolution, width=resolution)
-                for prompt, images in zip(prompts, generations):
-                    own = forget_images[[i for i, p in enumerate(forget_prompts) if p == prompt]]
-                    far, near = filter_far_from(images, own, threshold)
-                    logger.info(f"keep_from_generations, {prompt!r}: {len(far)} generation(s) kept, {len(near)} rejected as forget copies.")
-                    kept.append(far)
-                    kept_prompts += [prompt] * len(far)
-                if not kept_prompts:
-                    raise ValueError("Every generation is close to a forget image: the keep set is empty. Pass keep= or raise keep_from_generations.")
-                keep_images = torch.cat(kept)
+                keep_images, kept_prompts = _keep_far_generations(prompts, generations, forget_images, forget_prompts, threshold)
             else:
                 keep_images, kept_prompts = _pairs(keep, resolution, channels, "keep")
 
@@ -314,6 +304,26 @@ class UnlearningMixin:
         self.unet.eval()
         self.set_unlearning_strength(1.0, adapter_name)
         return adapter_name
+
+
+def _keep_far_generations(
+    prompts: list[str], generations: list[torch.Tensor], forget_images: torch.Tensor, forget_prompts: list[str],
+    threshold: float,
+) -> tuple[torch.Tensor, list[str]]:
+    """unlearn()'s keep set from generations: per prompt, the generations farther than `threshold` from that
+    prompt's forget images (and from every generation already rejected); returns (images, prompts)."""
+    from ..data import filter_far_from
+
+    kept, kept_prompts = [], []
+    for prompt, images in zip(prompts, generations):
+        own = forget_images[[i for i, p in enumerate(forget_prompts) if p == prompt]]
+        far, near = filter_far_from(images, own, threshold)
+        logger.info(f"keep_from_generations, {prompt!r}: {len(far)} generation(s) kept, {len(near)} rejected as forget copies.")
+        kept.append(far)
+        kept_prompts += [prompt] * len(far)
+    if not kept_prompts:
+        raise ValueError("Every generation is close to a forget image: the keep set is empty. Pass keep= or raise keep_from_generations.")
+    return torch.cat(kept), kept_prompts
 
 
 def _autocast_for(model: torch.nn.Module):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from .mixins import UnlearningMixin, _autocast_for, _pairs
-
-logger = logging.getLogger(__name__)
+from .mixins import UnlearningMixin, _autocast_for, _keep_far_generations, _pairs
 
 
 class UnlearnStableDiffusionXLPipeline(UnlearningMixin, StableDiffusionXLPipeline):
@@ -61,7 +58,6 @@ class UnlearnStableDiffusionXLPipeline(UnlearningMixin, StableDiffusionXLPipelin
             >>> pipe.unlearn(forget=[(image, "a memorized caption")], keep=[(other, "a dog")])  # doctest: +SKIP
             'siss'
         """
-        from ..data import filter_far_from
         from ..families import get_family
         from ..training import train_adapter
         from ..unlearner import BatchPool
@@ -79,23 +75,17 @@ class UnlearnStableDiffusionXLPipeline(UnlearningMixin, StableDiffusionXLPipelin
         forget_images, forget_prompts = _pairs(forget, resolution, channels, "forget")
         if keep is None:
             threshold = memorization_threshold or 0.1 * (channels * resolution * resolution) ** 0.5
-            kept, kept_prompts = [], []
-            for index, prompt in enumerate(dict.fromkeys(forget_prompts)):
+            prompts = list(dict.fromkeys(forget_prompts))
+            generations = []
+            for index, prompt in enumerate(prompts):
                 generator = torch.Generator(self.unet.device).manual_seed(seed + 1 + index)
                 with _autocast_for(self.unet):
                     images = self(
                         prompt, num_images_per_prompt=keep_from_generations, height=resolution, width=resolution,
                         generator=generator, output_type="pt",
                     ).images
-                images = images.float().cpu() * 2 - 1
-                own = forget_images[[i for i, p in enumerate(forget_prompts) if p == prompt]]
-                far, near = filter_far_from(images, own, threshold)
-                logger.info(f"keep_from_generations, {prompt!r}: {len(far)} kept, {len(near)} rejected as forget copies.")
-                kept.append(far)
-                kept_prompts += [prompt] * len(far)
-            if not kept_prompts:
-                raise ValueError("Every generation is close to a forget image: the keep set is empty. Pass keep= or raise keep_from_generations.")
-            keep_images = torch.cat(kept)
+                generations.append(images.float().cpu() * 2 - 1)
+            keep_images, kept_prompts = _keep_far_generations(prompts, generations, forget_images, forget_prompts, threshold)
         else:
             keep_images, kept_prompts = _pairs(keep, resolution, channels, "keep")
         device = self.unet.device
