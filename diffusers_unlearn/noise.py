@@ -96,6 +96,38 @@ class NoiseSchedule:
         t = torch.randint(low, high, (batch_size,), generator=generator, device=gen_device)
         return t.to(device)
 
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) = gamma_t^2 / sigma_t^2 per timestep (float64)."""
+        index = timesteps.to(self.gamma.device, torch.long)
+        return (self.gamma[index] / self.sigma[index]).pow(2).to(timesteps.device)
+
+    def min_snr_weights(self, timesteps: torch.Tensor, snr_gamma: float, space: str) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al., 2023) for per-sample losses taken in `space` (a prediction
+        type), in float32.
+
+        The weight is min(SNR_t, gamma) for an x_0 loss; an epsilon loss is SNR_t times the x_0 loss and a v loss
+        (SNR_t + 1) times it, so the same weighting reads min(SNR_t, gamma) / SNR_t and
+        min(SNR_t, gamma) / (SNR_t + 1) there, which is what diffusers' train_text_to_image_lora.py applies for
+        its epsilon and v_prediction models (`--snr_gamma`). Where SNR_t = 0 (a zero-terminal-SNR schedule) the
+        epsilon weight is its limit, 1.
+
+        Example:
+            >>> schedule = NoiseSchedule(torch.tensor([0.9, 0.5, 0.1]))
+            >>> schedule.min_snr_weights(torch.tensor([0, 2]), 5.0, "epsilon")   # SNR 9 and 1/9
+            tensor([0.5556, 1.0000])
+        """
+        if space not in PREDICTION_TYPES:
+            raise ValueError(f"Unknown loss space {space!r}; expected one of {PREDICTION_TYPES}.")
+        snr = self.snr(timesteps)
+        clipped = torch.clamp(snr, max=float(snr_gamma))
+        if space == "epsilon":
+            weights = torch.where(snr > 0, clipped / snr.clamp_min(torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+        elif space == "v_prediction":
+            weights = clipped / (snr + 1)
+        else:
+            weights = clipped
+        return weights.float()
+
     def to_epsilon(
         self, model_output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
@@ -151,6 +183,43 @@ class NoiseSchedule:
         """The model output as compared in `loss_space`: unchanged in native space, a noise estimate in epsilon."""
         check_loss_space(loss_space)
         return model_output if loss_space == "native" else self.to_epsilon(model_output, x_t, timesteps)
+
+
+def draw_noise(
+    like: torch.Tensor, generator: Optional[torch.Generator] = None, noise_offset: float = 0.0
+) -> torch.Tensor:
+    """Training noise shaped like `like`: standard Gaussian, plus, with `noise_offset`, one Gaussian offset per
+    item and channel shared by every position (diffusers' `--noise_offset`:
+    noise + noise_offset * randn(batch, channels, 1, 1), drawn after the noise). Drawn on the generator's
+    device in float32, so results are seed-stable; with `noise_offset` 0 nothing more is drawn.
+
+    Example:
+        >>> noise = draw_noise(torch.zeros(2, 4, 8, 8), torch.Generator().manual_seed(0), noise_offset=0.1)
+        >>> noise.shape
+        torch.Size([2, 4, 8, 8])
+    """
+    device = generator.device if generator is not None else like.device
+    noise = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
+    if noise_offset:
+        if like.ndim < 3:
+            raise ValueError(
+                f"noise_offset needs inputs shaped (batch, channels, ...), got shape {tuple(like.shape)}."
+            )
+        offset_shape = tuple(like.shape[:2]) + (1,) * (like.ndim - 2)
+        noise = noise + noise_offset * torch.randn(offset_shape, generator=generator, device=device, dtype=torch.float32)
+    return noise.to(like.device, like.dtype)
+
+
+def check_training_noise_options(noise_offset: float, snr_gamma: Optional[float]) -> tuple[float, Optional[float]]:
+    """Validate `--noise_offset` (>= 0, finite) and `--snr_gamma` (None or > 0, finite); returns them as floats."""
+    noise_offset = float(noise_offset)
+    if not (noise_offset >= 0 and noise_offset < float("inf")):
+        raise ValueError(f"noise_offset must be a finite number >= 0, got {noise_offset}.")
+    if snr_gamma is not None:
+        snr_gamma = float(snr_gamma)
+        if not (snr_gamma > 0 and snr_gamma < float("inf")):
+            raise ValueError(f"snr_gamma must be a finite number > 0 (5.0 is the recommended value), got {snr_gamma}.")
+    return noise_offset, snr_gamma
 
 
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from ..noise import NoiseSchedule, check_loss_space, per_sample_loss
+from ..noise import NoiseSchedule, check_loss_space, check_training_noise_options, draw_noise, per_sample_loss
 
 
 @dataclass
@@ -139,6 +139,12 @@ class Denoiser:
     model is called as a diffusers UNet: `class_labels`, `encoder_hidden_states` and, when the batch has extra
     conditioning, `added_cond_kwargs`.
 
+    Two training options of diffusers' fine-tuning scripts live here, so every objective gets them through the
+    same two calls and none branches on them: `noise_offset` (`noise()` adds
+    noise_offset * randn(batch, channels, 1, 1) to the Gaussian noise) and `snr_gamma` (`loss()` weights each
+    per-sample loss by the min-SNR-gamma weight of its timestep, in the space the loss is taken in). Both may be
+    set after construction (`denoiser.snr_gamma = 5.0`); their defaults (0 and None) change nothing.
+
     Example:
         >>> denoiser = Denoiser(unet, NoiseSchedule.from_scheduler(scheduler))
         >>> eps_hat = denoiser(x_t, timesteps, batch)
@@ -152,11 +158,40 @@ class Denoiser:
         schedule: NoiseSchedule,
         loss_space: str = "native",
         call: Optional[Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]] = None,
+        noise_offset: float = 0.0,
+        snr_gamma: Optional[float] = None,
     ):
         self.model = model
         self.schedule = schedule
         self.loss_space = check_loss_space(loss_space)
         self.call = call
+        self.noise_offset, self.snr_gamma = check_training_noise_options(noise_offset, snr_gamma)
+
+    def noise(self, like: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The training noise for clean inputs `like` (Gaussian, plus the `noise_offset` term when set)."""
+        return draw_noise(like, generator, self.noise_offset)
+
+    def loss_space_kind(self, space: Optional[str] = None) -> str:
+        """The prediction type losses in `space` (default: this denoiser's loss space) are taken in."""
+        space = self.loss_space if space is None else check_loss_space(space)
+        return self.schedule.prediction_type if space == "native" else "epsilon"
+
+    def loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        timesteps: torch.Tensor,
+        space: Optional[str] = None,
+    ) -> torch.Tensor:
+        """Per-sample training losses: `per_sample_loss(prediction, target)`, times the min-SNR-gamma weight of
+        each timestep when `snr_gamma` is set. `space` is the loss space prediction and target are in (this
+        denoiser's by default; "epsilon" for a term an objective always takes on noise estimates).
+        """
+        losses = per_sample_loss(prediction, target)
+        if self.snr_gamma is None:
+            return losses
+        weights = self.schedule.min_snr_weights(timesteps, self.snr_gamma, self.loss_space_kind(space))
+        return losses * weights.to(losses.device)
 
     def model_output(self, x_t: torch.Tensor, timesteps: torch.Tensor, batch: DenoisingBatch) -> torch.Tensor:
         """The model's raw output (of its own prediction type)."""
@@ -208,13 +243,14 @@ def denoising_loss(
     timestep_range: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Per-sample denoising loss at x_t = gamma_t x + sigma_t eps, one random t and eps, in the denoiser's loss
-    space (native: the model's training loss; epsilon: ||eps_theta - eps||^2).
+    space (native: the model's training loss; epsilon: ||eps_theta - eps||^2). The noise and the per-timestep
+    weighting are the denoiser's (`Denoiser.noise`, `Denoiser.loss`: `noise_offset`, `snr_gamma`).
     """
     schedule = denoiser.schedule
     timesteps = schedule.sample_timesteps(len(batch), batch.x0.device, generator, timestep_range)
-    noise = randn_like(batch.x0, generator)
+    noise = denoiser.noise(batch.x0, generator)
     x_t = schedule.add_noise(batch.x0, noise, timesteps)
-    return per_sample_loss(denoiser.predict(x_t, timesteps, batch), denoiser.target(x_t, batch.x0, timesteps))
+    return denoiser.loss(denoiser.predict(x_t, timesteps, batch), denoiser.target(x_t, batch.x0, timesteps), timesteps)
 
 
 @dataclass

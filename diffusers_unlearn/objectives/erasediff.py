@@ -26,7 +26,6 @@ from typing import Optional
 
 import torch
 
-from ..noise import per_sample_loss
 from .base import (
     DenoisingBatch,
     Denoiser,
@@ -36,7 +35,6 @@ from .base import (
     check_positive,
     denoising_loss,
     rand_like,
-    randn_like,
 )
 
 
@@ -88,7 +86,7 @@ class EraseDiff(UnlearningObjective):
         # space: the prediction is converted, not the target. Converting u to a v target divides by gamma_t
         # and blows up at high t (||.||^2 ~ 1e3 on the toy schedule), where the keep term stays O(1).
         x_t = denoiser.schedule.add_noise(forget_batch.x0, noise, timesteps)
-        return per_sample_loss(denoiser(x_t, timesteps, forget_batch), target).mean()
+        return denoiser.loss(denoiser(x_t, timesteps, forget_batch), target, timesteps, space="epsilon").mean()
 
     def _inner_loop_gradient(self, denoiser, forget_batch, timesteps, noise, target):
         """grad f(theta_K) and f(theta_K); the trainable parameters are restored exactly."""
@@ -122,7 +120,7 @@ class EraseDiff(UnlearningObjective):
         schedule = denoiser.schedule
         a = forget_batch.x0
         timesteps = schedule.sample_timesteps(len(a), a.device, generator, self.timestep_range)
-        noise = randn_like(a, generator)
+        noise = denoiser.noise(a, generator)
         uniform_target = rand_like(a, generator)
 
         logs = {}

@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 
-from ..noise import per_sample_loss
 from .base import (
     DenoisingBatch,
     Denoiser,
@@ -29,21 +28,37 @@ from .base import (
     check_positive,
     check_unit_interval,
     concat_conditioning,
-    randn_like,
 )
 
 
 def log_density_ratio(
-    m: torch.Tensor, x: torch.Tensor, a: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor
+    m: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    gamma: torch.Tensor,
+    sigma: torch.Tensor,
+    noise_offset: float = 0.0,
 ) -> torch.Tensor:
     """Delta = log q(m|x) - log q(m|a) per batch element, in float64.
 
     ||m - g a||^2 - ||m - g x||^2 = g <x - a, 2m - g (x + a)>, which avoids subtracting two
     huge sums of squares.
+
+    With a noise offset o (`Denoiser.noise_offset`), the noise is eps = z + o w with one w per channel shared by
+    the n positions of that channel, so q(m|y) = N(g y, s^2 S) with S = I + o^2 11^T per channel, and
+    S^-1 = I - k 11^T with k = o^2 / (1 + o^2 n). The squared Mahalanobis norm of d is ||d||^2 - k sum_c (sum d_c)^2,
+    and the difference of the two correction terms factors like the inner product above:
+    sum_c (sum g (x - a)_c) (sum (2m - g (x + a))_c).
     """
     m, x, a = m.double(), x.double(), a.double()
     gamma, sigma = gamma.double(), sigma.double()
     inner = (gamma * (x - a) * (2 * m - gamma * (x + a))).flatten(1).sum(dim=1)
+    if noise_offset:
+        positions = x[0, 0].numel()
+        k = noise_offset**2 / (1 + noise_offset**2 * positions)
+        first = (gamma * (x - a)).flatten(2).sum(dim=2)  # (batch, channels)
+        second = (2 * m - gamma * (x + a)).flatten(2).sum(dim=2)
+        inner = inner - k * (first * second).sum(dim=1)
     return inner / (2 * sigma.flatten() ** 2)
 
 
@@ -178,22 +193,22 @@ class SISS(_SISSWeighting):
         schedule = denoiser.schedule
         x, a = keep_batch.x0, forget_batch.x0
         timesteps = schedule.sample_timesteps(len(x), x.device, generator, self.timestep_range)
-        noise = randn_like(x, generator)
+        noise = denoiser.noise(x, generator)
         from_forget = self._draw_sources(len(x), x.device, generator)
         gamma, sigma = schedule.coefficients(timesteps, x)
         source = torch.where(from_forget.view((-1,) + (1,) * (x.ndim - 1)), a, x)
         m = gamma * source + sigma * noise
 
         with torch.no_grad():
-            delta = log_density_ratio(m, x, a, gamma, sigma)
+            delta = log_density_ratio(m, x, a, gamma, sigma, denoiser.noise_offset)
             log_w_x, log_w_a = importance_log_weights(delta, self.lam)
             w_x, w_a = log_w_x.exp().float(), log_w_a.exp().float()
             target_x = denoiser.target(m, x, timesteps)
             target_a = denoiser.target(m, a, timesteps)
 
         prediction_x, prediction_a = _predict_for_both(denoiser, m, timesteps, forget_batch, keep_batch)
-        keep_loss = (w_x * per_sample_loss(prediction_x, target_x)).mean()
-        forget_loss = (w_a * per_sample_loss(prediction_a, target_a)).mean()
+        keep_loss = (w_x * denoiser.loss(prediction_x, target_x, timesteps)).mean()
+        forget_loss = (w_a * denoiser.loss(prediction_a, target_a, timesteps)).mean()
         logs = {"w_x_mean": w_x.mean(), "w_a_mean": w_a.mean(), "forget_fraction": from_forget.float().mean()}
         return self._weighted_terms(keep_loss, forget_loss, logs)
 
@@ -222,11 +237,11 @@ class SISSNoIS(_SISSWeighting):
         schedule = denoiser.schedule
         x, a = keep_batch.x0, forget_batch.x0
         timesteps = schedule.sample_timesteps(len(x), x.device, generator, self.timestep_range)
-        noise = randn_like(x, generator)
+        noise = denoiser.noise(x, generator)
         x_t = schedule.add_noise(x, noise, timesteps)
         a_t = schedule.add_noise(a, noise, timesteps)
-        keep_loss = per_sample_loss(denoiser.predict(x_t, timesteps, keep_batch), denoiser.target(x_t, x, timesteps)).mean()
-        forget_loss = per_sample_loss(denoiser.predict(a_t, timesteps, forget_batch), denoiser.target(a_t, a, timesteps)).mean()
+        keep_loss = denoiser.loss(denoiser.predict(x_t, timesteps, keep_batch), denoiser.target(x_t, x, timesteps), timesteps).mean()
+        forget_loss = denoiser.loss(denoiser.predict(a_t, timesteps, forget_batch), denoiser.target(a_t, a, timesteps), timesteps).mean()
         return self._weighted_terms(keep_loss, forget_loss, {})
 
 
@@ -255,7 +270,7 @@ class SISSBernoulli(SISS):
         schedule = denoiser.schedule
         x, a = keep_batch.x0, forget_batch.x0
         timesteps = schedule.sample_timesteps(len(x), x.device, generator, self.timestep_range)
-        noise = randn_like(x, generator)
+        noise = denoiser.noise(x, generator)
         from_forget = self._draw_sources(len(x), x.device, generator)
         gamma, sigma = schedule.coefficients(timesteps, x)
         source = torch.where(from_forget.view((-1,) + (1,) * (x.ndim - 1)), a, x)
@@ -264,6 +279,6 @@ class SISSBernoulli(SISS):
         prediction_x, prediction_a = _predict_for_both(denoiser, m, timesteps, forget_batch, keep_batch)
         target = denoiser.target(m, source, timesteps)  # the drawn eps, in the loss space
         is_forget = from_forget.float()
-        keep_loss = ((1 - is_forget) * per_sample_loss(prediction_x, target)).mean() / (1 - self.lam)
-        forget_loss = (is_forget * per_sample_loss(prediction_a, target)).mean() / self.lam
+        keep_loss = ((1 - is_forget) * denoiser.loss(prediction_x, target, timesteps)).mean() / (1 - self.lam)
+        forget_loss = (is_forget * denoiser.loss(prediction_a, target, timesteps)).mean() / self.lam
         return self._weighted_terms(keep_loss, forget_loss, {"forget_fraction": is_forget.mean()})
