@@ -1,7 +1,11 @@
 #!/usr/bin/env python
-"""Remove memorized training images from a Stable Diffusion model, as a LoRA adapter or a full fine-tune.
+"""Remove memorized training images from a Stable Diffusion (1.x, 2.x, XL) model, as a LoRA adapter or a full
+fine-tune.
 
-Modeled on diffusers' examples/text_to_image/train_text_to_image_lora.py. With no arguments it
+Modeled on diffusers' examples/text_to_image/train_text_to_image_lora.py (and, for SDXL,
+train_text_to_image_lora_sdxl.py). The model family comes from the folder's model_index.json (override with
+--model_family); everything family-specific (components, prompt encoding, latents, denoiser call, adapter
+layout) lives in diffusers_unlearn/families/. With no arguments it
 mitigates the canary memorization of the bundled tiny text-to-image pipeline with SISS and LoRA,
 and prints a before/after summary:
 
@@ -27,13 +31,13 @@ import time
 import diffusers_unlearn  # noqa: F401  isort: skip
 import torch
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusers_unlearn import data as unlearn_data
-from diffusers_unlearn.checks import STABLE_DIFFUSION, check_hub_model, check_model_path, check_number_flags
+from diffusers_unlearn.checks import TEXT_TO_IMAGE_KINDS, check_hub_model, check_model_path, check_number_flags
+from diffusers_unlearn.families import available_families, family_for_folder
 from diffusers_unlearn.errors import UserInputError, run_script
 from diffusers_unlearn.hub import atomic_write_json, check_hub_arguments, create_hub_repo, push_folder, write_model_card
 from diffusers_unlearn.images import grid_array, make_grid, save_image_atomic
@@ -42,14 +46,12 @@ from diffusers_unlearn.lora import (
     add_text_encoder_lora,
     make_optimizer,
     prepare_full_finetune,
-    save_lora_weights,
     trainable_parameters,
 )
 from diffusers_unlearn.metrics import denoising_losses, memorization_rate, mia_auc
-from diffusers_unlearn.noise import NoiseSchedule
 from diffusers_unlearn.outputs import StagedRun, check_output_dir, exclusive_output_dir
 from diffusers_unlearn.objectives import DenoisingBatch, Denoiser, get_objective, hyperparameters_from_flags
-from diffusers_unlearn.pipelines.text_to_image import encode_latents, encode_prompts, generate_images, tokenize
+from diffusers_unlearn.pipelines.text_to_image import generate_images
 from diffusers_unlearn.training import (
     make_accelerator,
     save_pipeline_into,
@@ -65,13 +67,12 @@ from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
 logger = get_logger(__name__, log_level="INFO")
 
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Remove memorized images from a Stable Diffusion model.")
     # Model and data (train_text_to_image_lora.py order).
     parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Hub id or local folder. Default: the bundled tiny text-to-image toy.")
+    parser.add_argument("--model_family", type=str, default=None, choices=available_families(), help="Default: from model_index.json's _class_name (StableDiffusionPipeline: sd, StableDiffusionXLPipeline: sdxl).")
+    parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None, help="A VAE folder or Hub id to use instead of the model's own (SDXL: an fp16-fixed VAE such as madebyollin/sdxl-vae-fp16-fix).")
     parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--variant", type=str, default=None)
     parser.add_argument("--forget_data_dir", type=str, default=None, help="Image folder with metadata.jsonl (file_name, text). Subfolders are read too (as datasets' imagefolder does); a metadata.jsonl in a subfolder names files relative to it.")
@@ -128,7 +129,7 @@ def parse_args(argv=None):
     # Unlearning.
     add_method_arguments(parser)
     parser.add_argument("--train_mode", type=str, default="lora", choices=["lora", "full"])
-    parser.add_argument("--train_text_encoder", action="store_true", help="LoRA on the text encoder too (--train_mode lora only).")
+    parser.add_argument("--train_text_encoder", action="store_true", help="LoRA on the text encoder(s) too, both of SDXL's (--train_mode lora only).")
     # Evaluation.
     parser.add_argument("--num_eval_images", type=int, default=64, help="Generations per forget prompt for the memorization rate, before and after (same seeds).")
     parser.add_argument("--num_inference_steps", type=int, default=25)
@@ -185,19 +186,39 @@ def parse_args(argv=None):
         else:
             args.learning_rate = 1e-4 if args.using_toy else 1e-5
     check_number_flags(parser, args)
-    check_model_path(args.pretrained_model_name_or_path, STABLE_DIFFUSION)
-    check_model_folder(parser, args.pretrained_model_name_or_path)
+    check_model_path(args.pretrained_model_name_or_path, model_kinds(args))
+    if args.pretrained_vae_model_name_or_path is not None:
+        check_vae_path(parser, args.pretrained_vae_model_name_or_path)
+    if os.path.isdir(args.pretrained_model_name_or_path):
+        check_model_folder(parser, args.pretrained_model_name_or_path, family_for_folder(args.pretrained_model_name_or_path, args.model_family))
     check_resume_argument(args)
     return args
 
 
-def check_model_folder(parser, path):
-    """A local model folder must hold every Stable Diffusion component (a hub id is checked when it loads)."""
-    if not os.path.isdir(path):
-        return
-    missing = [name for name in REQUIRED_COMPONENTS if not os.path.isdir(os.path.join(path, name))]
+def model_kinds(args):
+    """The pipeline kinds --pretrained_model_name_or_path may hold: the --model_family's, else every family's."""
+    if args.model_family is not None:
+        return (TEXT_TO_IMAGE_KINDS[args.model_family],)
+    return tuple(TEXT_TO_IMAGE_KINDS.values())
+
+
+def check_model_folder(parser, path, family):
+    """A local model folder must hold every component its family loads (a Hub id is checked when it loads)."""
+    missing = [name for name in family.component_names if not os.path.isdir(os.path.join(path, name))]
     if missing:
-        parser.error(f"{path} is not a Stable Diffusion folder: it has no {', '.join(missing)} subfolder(s). Point --pretrained_model_name_or_path at a folder saved with StableDiffusionPipeline.save_pretrained.")
+        parser.error(f"{path} is not a complete {family.plain_pipeline_class_name} folder: it has no {', '.join(missing)} subfolder(s). Point --pretrained_model_name_or_path at a folder saved with {family.plain_pipeline_class_name}.save_pretrained.")
+
+
+def check_vae_path(parser, path):
+    """--pretrained_vae_model_name_or_path: a local folder with an AutoencoderKL config, or a Hub id."""
+    from diffusers_unlearn.checks import looks_like_hub_id
+
+    if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        if not os.path.isfile(config):
+            parser.error(f"--pretrained_vae_model_name_or_path {path} has no config.json; point it at a folder saved with AutoencoderKL.save_pretrained (the vae/ subfolder of a pipeline).")
+    elif os.path.exists(path) or not looks_like_hub_id(path):
+        parser.error(f"--pretrained_vae_model_name_or_path {path}: no such local folder and not a Hub id.")
 
 
 def check_inputs(args):
@@ -212,7 +233,7 @@ def check_inputs(args):
     if args.memorized_prompts_file:
         unlearn_data.read_prompts_file(args.memorized_prompts_file)
     if not os.path.isdir(args.pretrained_model_name_or_path):  # a Hub id: its model_index.json, not the weights
-        check_hub_model(args.pretrained_model_name_or_path, STABLE_DIFFUSION, args.revision, args.cache_dir)
+        check_hub_model(args.pretrained_model_name_or_path, model_kinds(args), args.revision, args.cache_dir)
 
 
 def load_forget_and_keep(args, pipe, resolution, threshold):
@@ -300,33 +321,25 @@ def main(args):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # Models: the same components train_text_to_image_lora.py loads.
-    path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
-    vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=revision, cache_dir=args.cache_dir)
+    # Models: the components the official script of the family loads (families/), frozen. Mixed precision as in
+    # train_text_to_image_lora.py: frozen weights (text encoders, and the UNet under LoRA) in the half-precision
+    # dtype, trainable ones in float32, forward passes under autocast. Full fine-tuning keeps float32 master
+    # weights. A VAE that overflows in float16 (config force_upcast) stays in float32.
+    path, revision = args.pretrained_model_name_or_path, args.revision
+    family = family_for_folder(path, args.model_family, revision=revision, cache_dir=args.cache_dir)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    vae_source = args.pretrained_vae_model_name_or_path or path
+    vae_config = AutoencoderKL.load_config(vae_source, subfolder=None if args.pretrained_vae_model_name_or_path else "vae", revision=revision, cache_dir=args.cache_dir)
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=revision, cache_dir=args.cache_dir)
     resolution = args.resolution or unet_config["sample_size"] * vae_scale_factor
     if resolution % vae_scale_factor != 0:
         raise UserInputError(f"--resolution {resolution} is not divisible by the VAE's scale factor {vae_scale_factor}; use a multiple of {vae_scale_factor} (for example {resolution // vae_scale_factor * vae_scale_factor or vae_scale_factor}).")
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision, cache_dir=args.cache_dir)
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision, cache_dir=args.cache_dir)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision, variant=variant, cache_dir=args.cache_dir)
-    # Mixed precision as in train_text_to_image_lora.py: frozen weights (the text encoder, and the UNet under LoRA)
-    # in the half-precision dtype, trainable ones in float32, forward passes under autocast. Full fine-tuning keeps
-    # float32 master weights. A VAE that overflows in float16 (config force_upcast, AutoencoderKL's default) stays
-    # in float32.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    vae_dtype = torch.float32 if weight_dtype == torch.float16 and vae_config.get("force_upcast", True) else weight_dtype
-    unet_dtype = weight_dtype if args.train_mode == "lora" else torch.float32
-    # The dtype at loading, not with vae.to(dtype): diffusers warns on every such cast ("modules ... should be kept
-    # in float32: []"), even when there are none.
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision, variant=variant, cache_dir=args.cache_dir, torch_dtype=vae_dtype)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision, variant=variant, cache_dir=args.cache_dir, torch_dtype=unet_dtype)
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    unet.requires_grad_(False)
+    components = family.load(
+        path, weight_dtype, revision=revision, variant=args.variant, vae_path=args.pretrained_vae_model_name_or_path,
+        cache_dir=args.cache_dir, denoiser_dtype=weight_dtype if args.train_mode == "lora" else torch.float32,
+    )
+    unet, vae = components["unet"], components["vae"]
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     else:
@@ -334,16 +347,16 @@ def main(args):
 
         unet.set_attn_processor(AttnProcessor2_0())  # SDPA
     device = accelerator.device
-    vae.to(device)
-    text_encoder.to(device, weight_dtype)
-    unet.to(device)
-    schedule = NoiseSchedule.from_scheduler(noise_scheduler, args.prediction_type)
-    sampling_scheduler = DDIMScheduler.from_config(noise_scheduler.config, steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampling_scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", *family.text_encoder_names):
+        components[name].to(device)
+    schedule = family.schedule(components, args.prediction_type)
+    # Evaluation samples with DDIM from the training schedule, the same sampler before and after unlearning.
+    sampling_scheduler = DDIMScheduler.from_config(components["scheduler"].config, steps_offset=1, prediction_type=schedule.prediction_type)
+    try:
+        model_index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=args.cache_dir)
+    except EnvironmentError:  # a folder without model_index.json, taken with --model_family
+        model_index = {}
+    pipe = family.sampling_pipeline(components, sampling_scheduler, model_index)
 
     threshold = args.memorization_threshold
     if threshold is None:
@@ -364,15 +377,20 @@ def main(args):
     validation_prompt = args.validation_prompt or forget_prompts[0]
 
     def cache(image_set):
+        """(latents, token ids, conditioning dict) of an image set, on the CPU: the family's latents and prompt
+        conditioning (SDXL: pooled embeddings and size/crop time_ids too)."""
         images = image_set.images
         texts = list(image_set.texts)
         if args.random_flip:  # both orientations in the pool = a flip with probability 1/2
             images, texts = torch.cat([images, images.flip(-1)]), texts + texts
-        input_ids = tokenize(tokenizer, texts)
-        return encode_latents(vae, images), input_ids, encode_prompts(text_encoder, input_ids)
+        cond = family.encode_prompts(components, texts, target_size=(resolution, resolution))
+        return family.encode_images(components, images), family.tokenize(components, texts), {key: value.cpu() for key, value in cond.items()}
 
-    forget_latents, forget_ids, forget_hidden = cache(forget)
-    keep_latents, keep_ids, keep_hidden = cache(keep)
+    def batch_of(cached, limit=None):
+        latents, _, cond = cached
+        return DenoisingBatch.from_conditioning(latents[:limit].to(device), {key: value[:limit].to(device) for key, value in cond.items()})
+
+    forget_cache, keep_cache = cache(forget), cache(keep)
     heldout_cache = cache(heldout) if heldout is not None else None
     logger.info(f"Forget set: {len(forget)} image(s), {len(forget_prompts)} prompt(s); keep set: {len(keep)} image(s).")
 
@@ -381,7 +399,7 @@ def main(args):
     if objective.needs_keep and len(keep) == 0:
         raise UserInputError(f"--method {args.method} needs a keep set.")
     # A checkpoint of another run (other data, method or settings) is refused before any evaluation.
-    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution)
+    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution, model_family=family.name, vae=args.pretrained_vae_model_name_or_path)
     resume_path = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, fingerprint, args.max_train_steps)
 
     # Evaluation (main process), before training; the same seeds after training.
@@ -424,15 +442,14 @@ def main(args):
                 report["other_prompts_noise_norm"] = sum(scores[len(forget_prompts):]) / len(toy_prompts)
         if classifier is not None:
             report.update(toy_quality(pipe, classifier, toy_prompts, forget_prompts, generations, forget.images, threshold, per_prompt, args, resolution))
-        denoiser = Denoiser(model, schedule)
-        sets = {"forget": (forget_latents, forget_hidden), "keep": (keep_latents, keep_hidden)}
+        denoiser = Denoiser(model, schedule, call=family.call)
+        sets = {"forget": forget_cache, "keep": keep_cache}
         if heldout_cache is not None:
-            sets["heldout"] = (heldout_cache[0], heldout_cache[2])
+            sets["heldout"] = heldout_cache
         losses = {}
         with accelerator.autocast():
-            for name, (latents, hidden) in sets.items():
-                batch = DenoisingBatch(latents[:256].to(device), None, hidden[:256].to(device))
-                losses[name] = denoising_losses(denoiser, batch, seed=args.seed)
+            for name, cached in sets.items():
+                losses[name] = denoising_losses(denoiser, batch_of(cached, 256), seed=args.seed)
         for name, values in losses.items():
             report[f"{name}_loss"] = float(values.mean())
         report["mia_auc"] = mia_auc(losses["forget"], losses["heldout"]) if "heldout" in losses else None
@@ -445,26 +462,29 @@ def main(args):
         before, per_prompt_before = evaluate(unet)
         logger.info(f"Before unlearning: { {k: v for k, v in before.items() if not torch.is_tensor(v)} }")
 
-    # The VAE and the text encoder are not needed again until evaluation: off the accelerator.
+    # The VAE and the text encoders are not needed again until evaluation: off the accelerator.
+    text_encoders = {name: components[name] for name in family.text_encoder_names}
     vae.to("cpu")
     if not args.train_text_encoder:
-        text_encoder.to("cpu")
+        for encoder in text_encoders.values():
+            encoder.to("cpu")
 
     # LoRA or full fine-tuning.
+    trained_text_encoders = {}
     if args.train_mode == "lora":
         unet = add_lora(unet, rank=args.rank, lora_alpha=args.lora_alpha, targets=args.lora_targets)
         if args.train_text_encoder:
-            text_encoder = add_text_encoder_lora(text_encoder, rank=args.rank, lora_alpha=args.lora_alpha)
-            text_encoder.to(device)
+            for name, encoder in text_encoders.items():
+                trained_text_encoders[name] = add_text_encoder_lora(encoder, rank=args.rank, lora_alpha=args.lora_alpha).to(device)
         # peft makes the adapter in the frozen weights' dtype; it trains in float32 (cast_training_params).
-        cast_training_params([unet, text_encoder] if args.train_text_encoder else unet, dtype=torch.float32)
+        cast_training_params([unet, *trained_text_encoders.values()], dtype=torch.float32)
     else:
         unet = prepare_full_finetune(unet)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    params = trainable_parameters(unet) + (trainable_parameters(text_encoder) if args.train_text_encoder else [])
+        for encoder in trained_text_encoders.values():
+            encoder.gradient_checkpointing_enable()
+    params = trainable_parameters(unet) + [p for encoder in trained_text_encoders.values() for p in trainable_parameters(encoder)]
 
     optimizer = make_optimizer(
         params, args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -476,36 +496,36 @@ def main(args):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
 
-    denoiser = Denoiser(unet, schedule, args.loss_space)
+    denoiser = Denoiser(unet, schedule, args.loss_space, call=family.call)
     with accelerator.autocast():
-        objective.prepare(denoiser, DenoisingBatch(forget_latents.to(device), None, forget_hidden.to(device)), generator=step_generator(args.seed, -1))
-    if args.train_text_encoder:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        objective.prepare(denoiser, batch_of(forget_cache), generator=step_generator(args.seed, -1))
+    names = list(trained_text_encoders)
+    unet, *prepared, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_text_encoders.values(), optimizer, lr_scheduler)
+    trained_text_encoders = dict(zip(names, prepared))
     denoiser.model = unet
     unlearner = Unlearner(objective, denoiser, optimizer, accelerator, lr_scheduler, args.max_grad_norm)
-    trained_models = [unet, text_encoder] if args.train_text_encoder else [unet]
+    trained_models = [unet, *trained_text_encoders.values()]
     adapter_metadata = {"method": args.method, "base_model": str(args.pretrained_model_name_or_path)}
 
     def save_adapter(directory):  # checkpoints carry a loadable adapter too, as the official scripts' do
-        trained_text_encoder = accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
-        save_lora_weights(accelerator.unwrap_model(unet), directory, metadata=adapter_metadata, text_encoder=trained_text_encoder)
+        encoders = {name: accelerator.unwrap_model(encoder) for name, encoder in trained_text_encoders.items()}
+        family.save_adapter(directory, accelerator.unwrap_model(unet), encoders, metadata=adapter_metadata)
 
     checkpointer = Checkpointer(accelerator, unlearner, trained_models, optimizer, lr_scheduler, None, fingerprint,
                                 save_adapter if args.train_mode == "lora" else None)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("unlearn-sd", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
-    if args.train_text_encoder:  # embeddings change during training: encode the token ids every step
-        def encode(ids):
-            return text_encoder(ids)[0]
+    def pool(cached):
+        latents, input_ids, cond = cached
+        if args.train_text_encoder:  # embeddings change during training: encode the token ids every step
+            encoding = {**text_encoders, **trained_text_encoders}
+            micro = {key: value for key, value in cond.items() if key not in ("encoder_hidden_states", "text_embeds")}
+            return BatchPool(latents, input_ids=input_ids, encode=lambda ids: family.encode_tokens(encoding, ids), added_cond=micro or None)
+        extra = {key: value for key, value in cond.items() if key != "encoder_hidden_states"}
+        return BatchPool(latents, encoder_hidden_states=cond["encoder_hidden_states"], added_cond=extra or None)
 
-        forget_pool = BatchPool(forget_latents, input_ids=forget_ids, encode=encode)
-        keep_pool = BatchPool(keep_latents, input_ids=keep_ids, encode=encode)
-    else:
-        forget_pool = BatchPool(forget_latents, encoder_hidden_states=forget_hidden)
-        keep_pool = BatchPool(keep_latents, encoder_hidden_states=keep_hidden)
+    forget_pool, keep_pool = pool(forget_cache), pool(keep_cache)
 
     start_step, validation_history = checkpointer.load(resume_path) if resume_path else (0, [])
 
@@ -514,13 +534,14 @@ def main(args):
         model = accelerator.unwrap_model(unet)
         model.eval()
         pipe.unet = model
-        vae.to(device)
-        text_encoder.to(device)
+        for module in (vae, *text_encoders.values()):
+            module.to(device)
         with accelerator.autocast():
             images = generate_images(pipe, [validation_prompt], args.num_validation_images, seed=args.seed + 3, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)[0]
         vae.to("cpu")
         if not args.train_text_encoder:
-            text_encoder.to("cpu")
+            for encoder in text_encoders.values():
+                encoder.to("cpu")
         model.train()
         logs = {}
         if validation_prompt in forget_prompts:
@@ -546,16 +567,15 @@ def main(args):
     # staging folder and swapped into --output_dir together, so it never mixes two runs' files.
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
-        vae.to(device)
-        text_encoder_model = accelerator.unwrap_model(text_encoder)
-        text_encoder_model.to(device)
-        pipe.text_encoder = text_encoder_model
+        # The pipeline holds the same text encoder objects (LoRA is injected in place).
+        for module in (vae, *text_encoders.values()):
+            module.to(device)
         after, per_prompt_after = evaluate(model)
         staged = StagedRun(args.output_dir)
         if args.train_mode == "lora":
-            save_lora_weights(model, staged.path, metadata=adapter_metadata, text_encoder=text_encoder_model if args.train_text_encoder else None)
+            save_adapter(staged.path)
         else:
-            save_full_pipeline(args, model, staged)
+            save_full_pipeline(args, family, model, staged)
 
         images = {}
         scale = max(1, 64 // resolution)
@@ -574,6 +594,7 @@ def main(args):
             "hyperparameters": {**objective.hyperparameters(), **{f"combiner_{k}": v for k, v in unlearner.state_dict().get("combiner", {}).items() if k == "scaling_norm"}},
             "train_mode": args.train_mode,
             "train_text_encoder": args.train_text_encoder,
+            "model_family": family.name,
             "base_model": str(args.pretrained_model_name_or_path),
             "forget_items": [{"sha256": h, "source": name, "prompt": text} for h, name, text in zip(forget.hashes, forget.names, forget.texts)],
             "forget_prompts": forget_prompts,
@@ -591,7 +612,7 @@ def main(args):
             "validation": validation_history,
         }
         atomic_write_json(staged.file("unlearning_report.json"), report)
-        write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), repo_id, images, is_adapter=args.train_mode == "lora", text_to_image=True, into=staged.path)
+        write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), repo_id, images, is_adapter=args.train_mode == "lora", text_to_image=True, into=staged.path, pipeline_class=family.plain_pipeline_class_name)
         staged.commit()
         print_summary(report)
         print_prompt_table(per_prompt)
@@ -623,15 +644,15 @@ def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generation
     return report
 
 
-def save_full_pipeline(args, unet, staged):
-    """The fine-tuned pipeline, for plain `StableDiffusionPipeline.from_pretrained(--output_dir)`: the base
+def save_full_pipeline(args, family, unet, staged):
+    """The fine-tuned pipeline, for plain `from_pretrained(--output_dir)` with the family's pipeline: the base
     model's own components (scheduler class and config, safety checker and feature extractor when it has them),
     each in the dtype its base files hold, with only the UNet's weights replaced. Written into the staging folder."""
     folder = args.pretrained_model_name_or_path
     if not os.path.isdir(folder):  # a Hub id: the cached snapshot (fetching components the run did not load)
         folder = DiffusionPipeline.download(folder, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     dtypes = stored_dtypes(folder, args.variant)
-    pipeline = StableDiffusionPipeline.from_pretrained(
+    pipeline = family.plain_pipeline_class.from_pretrained(
         folder, variant=args.variant, unet=unet.to(dtypes.get("unet", torch.float32)),
         torch_dtype={**dtypes, "default": torch.float32},
     )

@@ -55,7 +55,19 @@ STABLE_DIFFUSION = ModelKind(
     {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel", "tokenizer": None, "scheduler": None},
     ("safety_checker", "feature_extractor", "image_encoder"),
 )
-KINDS = (DDPM, STABLE_DIFFUSION)
+STABLE_DIFFUSION_XL = ModelKind(
+    "a Stable Diffusion XL folder (StableDiffusionXLPipeline: a UNet2DConditionModel, an AutoencoderKL, a "
+    "CLIPTextModel and a CLIPTextModelWithProjection with their tokenizers, and a scheduler)",
+    "train_unlearn_sd.py",
+    {
+        "unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer": None, "tokenizer_2": None, "scheduler": None,
+    },
+    ("image_encoder", "feature_extractor"),
+)
+KINDS = (DDPM, STABLE_DIFFUSION, STABLE_DIFFUSION_XL)
+# What train_unlearn_sd.py takes, by model family (its --model_family choices).
+TEXT_TO_IMAGE_KINDS = {"sd": STABLE_DIFFUSION, "sdxl": STABLE_DIFFUSION_XL}
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -92,13 +104,15 @@ def _components_of_index(index: dict) -> tuple[str, dict[str, str]]:
     return str(index.get("_class_name", "pipeline")), components
 
 
-def _check_kind(source: str, pipeline: str, components: dict[str, str], kind: ModelKind) -> None:
-    if kind.accepts(components):
+def _check_kind(source: str, pipeline: str, components: dict[str, str], kind: ModelKind | tuple[ModelKind, ...]) -> None:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if any(k.accepts(components) for k in kinds):
         return
     listed = ", ".join(f"{name}: {cls}" for name, cls in sorted(components.items()))
-    other = next((k for k in KINDS if k is not kind and k.accepts(components)), None)
-    hint = f" Use {other.script} for it." if other is not None else ""
-    raise UserInputError(f"{source} holds a {pipeline} ({listed}), but {kind.script} needs {kind.description}.{hint}")
+    other = next((k for k in KINDS if k not in kinds and k.accepts(components)), None)
+    hint = f" Use {other.script} for it." if other is not None and other.script != kinds[0].script else ""
+    wanted = " or ".join(k.description for k in kinds)
+    raise UserInputError(f"{source} holds a {pipeline} ({listed}), but {kinds[0].script} needs {wanted}.{hint}")
 
 
 def _read_json(path: str) -> dict:
@@ -112,10 +126,10 @@ def _read_json(path: str) -> dict:
     return value
 
 
-def check_model_path(path: str, kind: ModelKind) -> None:
+def check_model_path(path: str, kind: ModelKind | tuple[ModelKind, ...]) -> None:
     """Refuse, before anything loads, a `--pretrained_model_name_or_path` that is neither a local folder nor
-    shaped like a Hub id, a file, or a local folder of another kind of model than `kind` (naming what it holds,
-    what was expected, and which script takes it). A Hub id is checked by `check_hub_model`, which may need
+    shaped like a Hub id, a file, or a local folder of another kind of model than `kind` (one kind, or a tuple of
+    the kinds a script takes; the error names what it holds, what was expected, and which script takes it). A Hub id is checked by `check_hub_model`, which may need
     the network.
     """
     if os.path.isdir(path):
@@ -141,7 +155,7 @@ def check_number_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(f"--near_duplicate_distance must be >= 0 (0: exact copies only), got {args.near_duplicate_distance}.")
 
 
-def check_hub_model(repo_id: str, kind: ModelKind, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> None:
+def check_hub_model(repo_id: str, kind: ModelKind | tuple[ModelKind, ...], revision: Optional[str] = None, cache_dir: Optional[str] = None) -> None:
     """Fetch a Hub model's model_index.json (a few hundred bytes; from the local cache when offline) and check
     its kind, before any weights load. A repo that cannot be found, reached or read becomes one
     `UserInputError` line instead of `from_pretrained`'s chained tracebacks; a repo without model_index.json is
@@ -184,6 +198,8 @@ def check_hub_model(repo_id: str, kind: ModelKind, revision: Optional[str] = Non
 __all__ = [
     "DDPM",
     "STABLE_DIFFUSION",
+    "STABLE_DIFFUSION_XL",
+    "TEXT_TO_IMAGE_KINDS",
     "ModelKind",
     "check_hub_model",
     "check_model_path",

@@ -49,11 +49,13 @@ def write_model_card(
     is_adapter: bool = True,
     text_to_image: bool = False,
     into: Optional[str] = None,
+    pipeline_class: str = "StableDiffusionPipeline",
 ) -> str:
     """Write `README.md` in `output_dir`: what was forgotten, how, and the measured effect.
 
     `into` writes the card into another folder (the scripts' staging folder) while its loading example still
-    names `output_dir` (or `repo_id`).
+    names `output_dir` (or `repo_id`). `pipeline_class` is the plain diffusers pipeline of a text-to-image
+    model (its loading example and tags).
 
     Example:
         >>> write_model_card("out", report, base_model="my-org/ddpm-digits")  # doctest: +SKIP
@@ -65,11 +67,11 @@ def write_model_card(
     items = report.get("forget_items", [])
     if text_to_image:
         loading = (
-            "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained({base_model!r})\n"
+            f"```python\nfrom diffusers import {pipeline_class}\n\n"
+            f"pipe = {pipeline_class}.from_pretrained({base_model!r})\n"
             f"pipe.load_lora_weights({(repo_id or output_dir)!r})\n```"
             if is_adapter
-            else f"```python\nfrom diffusers import StableDiffusionPipeline\n\npipe = StableDiffusionPipeline.from_pretrained({(repo_id or output_dir)!r})\n```"
+            else f"```python\nfrom diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained({(repo_id or output_dir)!r})\n```"
         )
     else:
         loading = (
@@ -115,7 +117,7 @@ Hyperparameters: `{json.dumps(report.get('hyperparameters', {}), sort_keys=True)
     if is_adapter:
         tags.insert(1, "lora")
     if text_to_image:
-        tags += ["stable-diffusion", "text-to-image"]
+        tags += ["stable-diffusion-xl" if "XL" in pipeline_class else "stable-diffusion", "text-to-image"]
     card = populate_model_card(card, tags=tags)
     path = os.path.join(into or output_dir, "README.md")
     atomic_write_text(path, str(card))

@@ -67,6 +67,33 @@ class ModelFamily:
     def text_encoder_names(self) -> tuple[str, ...]:
         return tuple(encoder for _, encoder, _ in self.text_encoders)
 
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        """The components `load` returns, which a pipeline folder of the family must hold as subfolders."""
+        names = ["unet", "vae", "scheduler"]
+        for tokenizer_name, encoder_name, _ in self.text_encoders:
+            names += [tokenizer_name, encoder_name]
+        return tuple(names)
+
+    def pipeline_options(self, model_index: Mapping[str, Any]) -> dict[str, Any]:
+        """The plain pipeline's constructor arguments besides its components, for sampling from a
+        training run: no safety checker (the metrics need the model's own images) and the base model's
+        registered settings from its `model_index.json` where they change what it generates."""
+        return {}
+
+    def sampling_pipeline(
+        self, components: Components, scheduler: Any, model_index: Optional[Mapping[str, Any]] = None
+    ) -> Any:
+        """The family's plain diffusers pipeline over `components`, sampling with `scheduler`.
+
+        Example:
+            >>> pipe = family.sampling_pipeline(components, DDIMScheduler.from_config(config))  # doctest: +SKIP
+        """
+        parts = {name: components[name] for name in self.component_names if name != "scheduler"}
+        pipe = self.plain_pipeline_class(**parts, scheduler=scheduler, **self.pipeline_options(model_index or {}))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
     # -- loading ---------------------------------------------------------------------------------------------
 
     def load(
@@ -77,11 +104,13 @@ class ModelFamily:
         variant: Optional[str] = None,
         vae_path: Optional[str | os.PathLike] = None,
         cache_dir: Optional[str] = None,
+        denoiser_dtype: Optional[torch.dtype] = None,
     ) -> dict[str, Any]:
         """Load the components the family trains with, frozen (`requires_grad=False`), on the CPU.
 
-        The denoiser and the text encoders get `dtype`. The VAE gets `dtype` too, except that a VAE whose config
-        says `force_upcast` stays in float32 under float16 (SDXL's VAE overflows in float16). `vae_path` loads
+        The denoiser and the text encoders get `dtype` (the denoiser `denoiser_dtype` when given: full
+        fine-tuning keeps float32 master weights). The VAE gets `dtype` too, except that under float16 a VAE whose
+        config says `force_upcast` (AutoencoderKL's default) stays in float32: SD's and SDXL's VAEs overflow. `vae_path` loads
         the VAE from a separate folder or repository without a subfolder, as the official scripts'
         `--pretrained_vae_model_name_or_path` does (for example an fp16-fixed SDXL VAE). The scheduler is the
         pipeline's own, so a pipeline rebuilt from these components samples like the original.
@@ -115,7 +144,7 @@ class ModelFamily:
             components[encoder_name] = encoder.requires_grad_(False)
 
         components["unet"] = UNet2DConditionModel.from_pretrained(
-            path, subfolder="unet", torch_dtype=dtype, **weights
+            path, subfolder="unet", torch_dtype=denoiser_dtype or dtype, **weights
         ).requires_grad_(False)
 
         if vae_path is None:
@@ -299,8 +328,14 @@ class ModelFamily:
         )
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's weights; also for a wrapped module (DDP) that has no `.device`."""
+    return next(module.parameters()).device
+
+
 def _vae_needs_upcast(vae_config: Mapping[str, Any], dtype: torch.dtype) -> bool:
-    return dtype == torch.float16 and bool(vae_config.get("force_upcast", False))
+    # A config without the key gets AutoencoderKL's default, True.
+    return dtype == torch.float16 and bool(vae_config.get("force_upcast", True))
 
 
 def normalize_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
@@ -324,4 +359,4 @@ def normalize_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
     return (latents - shift) * scaling
 
 
-__all__ = ["Components", "ModelFamily", "normalize_latents"]
+__all__ = ["Components", "ModelFamily", "module_device", "normalize_latents"]

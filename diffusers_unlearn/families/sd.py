@@ -12,12 +12,12 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .base import Components, ModelFamily
+from .base import Components, ModelFamily, module_device
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -32,7 +32,10 @@ class StableDiffusionFamily(ModelFamily):
     def encode_tokens(self, components: Components, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """`{"encoder_hidden_states": last hidden states}` (N, 77, width), as the SD pipeline encodes a prompt."""
         text_encoder = components["text_encoder"]
-        return {"encoder_hidden_states": text_encoder(input_ids.to(text_encoder.device))[0]}
+        return {"encoder_hidden_states": text_encoder(input_ids.to(module_device(text_encoder)))[0]}
+
+    def pipeline_options(self, model_index: Mapping[str, Any]) -> dict[str, Any]:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def call(self, model: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Mapping[str, torch.Tensor]):
         """`unet(x_t, t, encoder_hidden_states).sample`, as the official SD training scripts call it."""

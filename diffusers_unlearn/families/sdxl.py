@@ -19,12 +19,12 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .base import Components, ModelFamily
+from .base import Components, ModelFamily, module_device
 
 
 class StableDiffusionXLFamily(ModelFamily):
@@ -48,12 +48,20 @@ class StableDiffusionXLFamily(ModelFamily):
         pooled = None
         for position, (_, encoder_name, _) in enumerate(self.text_encoders):
             encoder = components[encoder_name]
-            output = encoder(input_ids[:, position].to(encoder.device), output_hidden_states=True)
+            output = encoder(input_ids[:, position].to(module_device(encoder)), output_hidden_states=True)
             # SDXL conditions on the layer before the last (no final layer norm), as its pipeline does.
             hidden_states.append(output.hidden_states[-2])
             if encoder_name == "text_encoder_2":
                 pooled = output.text_embeds
         return {"encoder_hidden_states": torch.cat(hidden_states, dim=-1), "text_embeds": pooled}
+
+    def pipeline_options(self, model_index: Mapping[str, Any]) -> dict[str, Any]:
+        """The base model's `force_zeros_for_empty_prompt` (True when unset, as in SDXL base), which decides
+        the unconditional branch of classifier-free guidance; no watermark on the latents we decode ourselves."""
+        return {
+            "force_zeros_for_empty_prompt": bool(model_index.get("force_zeros_for_empty_prompt", True)),
+            "add_watermarker": False,
+        }
 
     def micro_conditioning(
         self,
