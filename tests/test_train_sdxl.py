@@ -92,6 +92,25 @@ def test_lora_with_both_text_encoders_loads_into_plain_sdxl(workspace, tmp_path,
     image = pipe(PROMPTS[0], num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
 
+    # Our pipeline loads the same folder by the method's name, into all three components, at a strength.
+    from diffusers_unlearn.pipelines import UnlearnStableDiffusionXLPipeline
+
+    ours = UnlearnStableDiffusionXLPipeline.from_pretrained(str(workspace / "model"))
+    ours.set_progress_bar_config(disable=True)
+
+    def generate():
+        return ours(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    base = generate()
+    assert ours.load_unlearning_adapter(str(out)) == "siss"
+    assert all("siss" in getattr(ours, part).peft_config for part in ("unet", "text_encoder", "text_encoder_2"))
+    unlearned = generate()
+    assert not torch.equal(unlearned, base)
+    ours.set_unlearning_strength(0.0)
+    assert torch.allclose(generate(), base, atol=1e-6)
+    ours.set_unlearning_strength(1.0)
+    assert torch.allclose(generate(), unlearned, atol=1e-6)
+
 
 def test_bf16_lora_trains_a_float32_adapter(workspace, tmp_path, fresh_accelerate_state):
     out = tmp_path / "bf16"
