@@ -19,7 +19,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,11 @@ class ImageSet:
     labels: Optional[torch.Tensor] = None
     texts: Optional[list[str]] = None
     notices: list[str] = field(default_factory=list)
+    #: Optional, for per-draw crops: each item's image with its SHORTER side resized to the training resolution
+    #: (uint8, (C, H, W), aspect ratio kept; `images` holds its centre crop), and its size before resizing
+    #: (height, width), which SDXL conditions on. See `load_training_image` and `AugmentedImagePool`.
+    sources: Optional[list[torch.Tensor]] = None
+    original_sizes: Optional[list[tuple[int, int]]] = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -66,6 +71,8 @@ class ImageSet:
             None if self.labels is None else self.labels[index],
             None if self.texts is None else [self.texts[i] for i in index],
             list(self.notices),
+            None if self.sources is None else [self.sources[i] for i in index],
+            None if self.original_sizes is None else [self.original_sizes[i] for i in index],
         )
 
 
@@ -77,17 +84,23 @@ def pixel_hash(image: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _to_tensor(
-    image: Image.Image, resolution: int, channels: int, name: str, notices: list[str], center_crop: bool = False
-) -> torch.Tensor:
-    """PIL image -> (C, H, W) float in [-1, 1], converting mode and size with a notice. With `center_crop`, a
-    non-square image is cropped to its centre square first instead of being squeezed."""
+def _convert_mode(image: Image.Image, channels: int, name: str, notices: list[str]) -> Image.Image:
+    """`image` in the PIL mode of a `channels`-channel model ("L" or "RGB"), a conversion recorded in `notices`."""
     mode = "L" if channels == 1 else "RGB"
     if channels not in (1, 3):
         raise DataError(f"Only 1- or 3-channel models are supported, got {channels} channels.")
     if image.mode != mode:
         notices.append(f"{name}: converted {image.mode} to {mode} ({channels} channel(s)).")
         image = image.convert(mode)
+    return image
+
+
+def _to_tensor(
+    image: Image.Image, resolution: int, channels: int, name: str, notices: list[str], center_crop: bool = False
+) -> torch.Tensor:
+    """PIL image -> (C, H, W) float in [-1, 1], converting mode and size with a notice. With `center_crop`, a
+    non-square image is cropped to its centre square first instead of being squeezed."""
+    image = _convert_mode(image, channels, name, notices)
     if center_crop and image.size[0] != image.size[1]:
         side = min(image.size)
         left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
@@ -102,6 +115,94 @@ def _to_tensor(
     else:
         array = array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+#: `--image_interpolation_mode` values (those of train_text_to_image_lora.py, whose torchvision modes map onto
+#: these PIL filters for PIL images; "nearest_exact" is PIL's nearest too).
+INTERPOLATION_MODES = {
+    "bicubic": Image.BICUBIC,
+    "bilinear": Image.BILINEAR,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+    "lanczos": Image.LANCZOS,
+    "nearest": Image.NEAREST,
+    "nearest_exact": Image.NEAREST,
+}
+
+
+def check_interpolation_mode(mode: str) -> str:
+    """`mode` lower-cased if it is one of `INTERPOLATION_MODES`, else `DataError` listing them."""
+    if str(mode).lower() not in INTERPOLATION_MODES:
+        raise DataError(
+            f"--image_interpolation_mode {mode!r} is not supported; choose one of {', '.join(INTERPOLATION_MODES)}."
+        )
+    return str(mode).lower()
+
+
+def resize_shorter_side(image: Image.Image, resolution: int, interpolation: str = "lanczos") -> Image.Image:
+    """`image` resized so its shorter side is `resolution`, aspect ratio kept (the longer side is
+    int(resolution * long / short), as torchvision's Resize(resolution) computes it). An image already that size
+    is returned as a copy.
+
+    Example:
+        >>> resize_shorter_side(Image.new("RGB", (40, 20)), 8).size
+        (16, 8)
+    """
+    width, height = image.size
+    if min(width, height) == resolution:
+        return image.copy()
+    if width <= height:
+        size = (resolution, int(resolution * height / width))
+    else:
+        size = (int(resolution * width / height), resolution)
+    return image.resize(size, INTERPOLATION_MODES[check_interpolation_mode(interpolation)])
+
+
+def crop_top_left(
+    height: int, width: int, resolution: int, center: bool, generator: Optional[torch.Generator] = None
+) -> tuple[int, int]:
+    """(top, left) of a `resolution` square in a (height, width) image: centred as torchvision's CenterCrop
+    (int(round((size - resolution) / 2))), or uniform over every position as its RandomCrop, drawn from
+    `generator`. SDXL conditions on these coordinates (`crops_coords_top_left`).
+
+    Example:
+        >>> crop_top_left(8, 13, 8, center=True)
+        (0, 2)
+    """
+    if height < resolution or width < resolution:
+        raise ValueError(f"Cannot crop {resolution}x{resolution} from a {height}x{width} image.")
+    if center:
+        return int(round((height - resolution) / 2.0)), int(round((width - resolution) / 2.0))
+    top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+    return top, left
+
+
+def load_training_image(
+    image: Image.Image, resolution: int, channels: int, name: str, notices: list[str], interpolation: str = "lanczos"
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """A PIL image prepared as train_text_to_image_lora.py prepares it, minus the per-draw part.
+
+    Returns (centre crop as (C, resolution, resolution) float in [-1, 1], the shorter-side-resized image as
+    uint8 (C, H, W) for per-draw crops and flips, the original (height, width)). The centre crop is the item's
+    fixed form: its hash, the overlap checks and the metrics use it.
+    """
+    image = _convert_mode(image, channels, name, notices)
+    original = (image.size[1], image.size[0])
+    resized = resize_shorter_side(image, resolution, interpolation)
+    if resized.size != image.size:
+        notices.append(
+            f"{name}: resized {image.size[0]}x{image.size[1]} to {resized.size[0]}x{resized.size[1]} "
+            f"(shorter side {resolution}, {interpolation})."
+        )
+    array = np.asarray(resized, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    source = torch.from_numpy(np.ascontiguousarray(array))
+    top, left = crop_top_left(source.shape[1], source.shape[2], resolution, center=True)
+    if source.shape[1:] != (resolution, resolution):
+        notices.append(f"{name}: {source.shape[2]}x{source.shape[1]} is cropped to {resolution}x{resolution} (centre when fixed).")
+    centre = source[:, top : top + resolution, left : left + resolution].float() / 127.5 - 1.0
+    return centre.contiguous(), source, original
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
@@ -181,12 +282,17 @@ def _load_image(
     path: Path, resolution: int, channels: int, name: str, notices: list[str], center_crop: bool
 ) -> torch.Tensor:
     """An image file as (C, H, W) in [-1, 1] at the model resolution; unreadable pixels name the file."""
+    return _decode(path, lambda image: _to_tensor(image, resolution, channels, name, notices, center_crop))
+
+
+def _decode(path: Path, prepare: Callable[[Image.Image], Any]) -> Any:
+    """`prepare` applied to the decoded pixels of an image file; pixels that cannot be decoded name the file."""
     with _open_image(path) as image:
         try:
             image.load()
         except (OSError, SyntaxError, Image.DecompressionBombError) as error:
             raise DataError(f"Cannot read image {path}: {error}. Replace or remove the file.") from None
-        return _to_tensor(image, resolution, channels, name, notices, center_crop)
+        return prepare(image)
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -269,6 +375,7 @@ def load_image_folder(
     what: str = "forget",
     require_text: bool = False,
     center_crop: bool = False,
+    interpolation: Optional[str] = None,
 ) -> ImageSet:
     """Load every image of a folder and its subfolders (an imagefolder: optional metadata.jsonl with
     `file_name` and `text` or `label`).
@@ -276,12 +383,24 @@ def load_image_folder(
     Everything `check_image_folder` checks is checked first; a file whose pixels cannot be decoded raises
     `DataError` naming it. Images of another size or channel count are converted, and each conversion is
     recorded in `notices`. `labels` is set only when every image has one.
+
+    With `interpolation` (an `INTERPOLATION_MODES` name), images are prepared as diffusers' text-to-image scripts
+    prepare them (`load_training_image`: shorter side resized, centre crop as the fixed form) and the result
+    keeps `sources` for per-draw crops and flips; `center_crop` is then the pool's business. Without it, a
+    non-square image is squeezed (or, with `center_crop`, cropped to its centre square) and resized bicubically.
     """
     folder = Path(folder)
     notices: list[str] = []
-    images, names, labels, texts = [], [], [], []
+    images, names, labels, texts, sources, sizes = [], [], [], [], [], []
     for path, row in check_image_folder(folder, what, require_text):
-        images.append(_load_image(path, resolution, channels, path.relative_to(folder).as_posix(), notices, center_crop))
+        name = path.relative_to(folder).as_posix()
+        if interpolation is None:
+            images.append(_load_image(path, resolution, channels, name, notices, center_crop))
+        else:
+            image, source, size = _load_training_file(path, resolution, channels, name, notices, interpolation)
+            images.append(image)
+            sources.append(source)
+            sizes.append(size)
         names.append(str(path))
         labels.append(row.get("label"))
         texts.append(row.get("text"))
@@ -295,7 +414,16 @@ def load_image_folder(
         torch.tensor(labels) if has_labels else None,
         texts if has_texts else None,
         notices,
+        sources if interpolation is not None else None,
+        sizes if interpolation is not None else None,
     )
+
+
+def _load_training_file(
+    path: Path, resolution: int, channels: int, name: str, notices: list[str], interpolation: str
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """`load_training_image` of an image file; unreadable pixels name the file."""
+    return _decode(path, lambda image: load_training_image(image, resolution, channels, name, notices, interpolation))
 
 
 def load_dataset_images(
@@ -324,9 +452,8 @@ def load_dataset_images(
         names = [f"{TOY_DATASET}/{split}/{i}" for i in range(len(images))]
         return ImageSet(images.clone(), [pixel_hash(im) for im in images], names, labels.clone(), None, notices)
 
+    load_dataset = _import_datasets().load_dataset
     try:
-        from datasets import load_dataset
-
         dataset = load_dataset(name, split=split)
     except Exception as error:  # datasets raises many types; the message is what matters
         raise DataError(f"--{what}_dataset_name {name!r} could not be loaded: {error}") from None
@@ -541,19 +668,31 @@ def load_prompted_images(
     channels: int = 3,
     what: str = "forget",
     center_crop: bool = False,
+    interpolation: Optional[str] = None,
 ) -> ImageSet:
     """Images given one by one with one prompt each (`--forget_images` with `--forget_prompts`).
 
     Everything `check_prompted_images` checks is checked first; a file whose pixels cannot be decoded raises
-    `DataError` naming it.
+    `DataError` naming it. `interpolation` works as in `load_image_folder`.
     """
     check_prompted_images(image_paths, prompts, what)
     notices: list[str] = []
-    images = [
-        _load_image(Path(path), resolution, channels, os.path.basename(path), notices, center_crop) for path in image_paths
-    ]
+    if interpolation is None:
+        images = [
+            _load_image(Path(path), resolution, channels, os.path.basename(path), notices, center_crop) for path in image_paths
+        ]
+        sources = sizes = None
+    else:
+        loaded = [
+            _load_training_file(Path(path), resolution, channels, os.path.basename(path), notices, interpolation)
+            for path in image_paths
+        ]
+        images, sources, sizes = [item[0] for item in loaded], [item[1] for item in loaded], [item[2] for item in loaded]
     stacked = torch.stack(images)
-    return ImageSet(stacked, [pixel_hash(im) for im in stacked], [str(p) for p in image_paths], None, [str(p) for p in prompts], notices)
+    return ImageSet(
+        stacked, [pixel_hash(im) for im in stacked], [str(p) for p in image_paths], None, [str(p) for p in prompts],
+        notices, sources, sizes,
+    )
 
 
 def read_prompts_file(path: str | os.PathLike, field: str = "caption") -> list[str]:
@@ -600,3 +739,234 @@ def largest_cluster(images: torch.Tensor, threshold: float) -> list[int]:
     neighbours = distances < threshold
     center = int(neighbours.sum(dim=1).argmax())
     return [i for i in range(len(images)) if bool(neighbours[center, i])]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A keep set from a `datasets` dataset or a local imagefolder (train_text_to_image_lora.py's data flags)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _import_datasets():
+    """The `datasets` package, imported only when a dataset flag is used."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            "--dataset_name / --train_data_dir need the `datasets` package: pip install datasets "
+            '(or pip install "diffusers-unlearn[datasets]").'
+        ) from None
+    return datasets
+
+
+def open_text_image_dataset(
+    dataset_name: Optional[str] = None,
+    dataset_config_name: Optional[str] = None,
+    train_data_dir: Optional[str] = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+    cache_dir: Optional[str] = None,
+):
+    """The "train" split of a `datasets` dataset, opened as train_text_to_image_lora.py opens it, with its image
+    and caption columns checked.
+
+    `dataset_name` (a Hub id or a local dataset folder) is loaded with `dataset_config_name`, and
+    `train_data_dir` as its `data_dir`; without `dataset_name`, `train_data_dir` is read as an imagefolder
+    (images with an optional metadata.jsonl naming `file_name` and the caption column). Raises `DataError` for a
+    dataset that does not load, a missing folder, no "train" split, or a column that is not there (naming the
+    columns there are).
+
+    Example:
+        >>> dataset = open_text_image_dataset(train_data_dir="keep/", caption_column="text")  # doctest: +SKIP
+    """
+    if dataset_name is None and train_data_dir is None:
+        raise DataError("Give --dataset_name or --train_data_dir.")
+    if train_data_dir is not None and not os.path.isdir(train_data_dir):
+        raise DataError(f"--train_data_dir {train_data_dir} does not exist or is not a directory.")
+    datasets = _import_datasets()
+    flag = f"--dataset_name {dataset_name!r}" if dataset_name is not None else f"--train_data_dir {train_data_dir}"
+    try:
+        if dataset_name is not None:
+            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, data_dir=train_data_dir)
+        else:
+            loaded = datasets.load_dataset(
+                "imagefolder", data_files={"train": os.path.join(train_data_dir, "**")}, cache_dir=cache_dir
+            )
+    except Exception as error:  # datasets raises many types; its message is what matters
+        raise DataError(f"{flag} could not be loaded: {error}") from None
+    if "train" not in loaded:
+        raise DataError(f"{flag} has no 'train' split (splits: {', '.join(loaded)}).")
+    dataset = loaded["train"]
+    columns = dataset.column_names
+    for what, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in columns:
+            raise DataError(f"{what} {column!r} is not a column of {flag}; its columns are: {', '.join(columns)}.")
+    if len(dataset) == 0:
+        raise DataError(f"{flag} has no rows in its 'train' split.")
+    return dataset
+
+
+def load_text_image_dataset(
+    dataset,
+    resolution: int,
+    channels: int,
+    image_column: str = "image",
+    caption_column: str = "text",
+    interpolation: str = "lanczos",
+    max_samples: Optional[int] = None,
+    seed: int = 0,
+    name: str = "dataset",
+) -> ImageSet:
+    """An `ImageSet` with captions from an opened dataset (`open_text_image_dataset`), each image prepared by
+    `load_training_image` (sources kept for per-draw crops and flips).
+
+    A caption is a string, or a list of strings of which one is chosen per item with `seed` (the official
+    script draws again each time an item is read; here prompt embeddings are computed once, so the choice is
+    made once). `max_samples` keeps that many rows after a seeded shuffle, as the official `--max_train_samples`.
+    Raises `DataError` for an image cell that is not an image and a caption that is not a string or a list of
+    strings.
+    """
+    if max_samples is not None:
+        if max_samples < 1:
+            raise DataError(f"--max_train_samples must be >= 1, got {max_samples}.")
+        dataset = dataset.shuffle(seed=seed).select(range(min(max_samples, len(dataset))))
+    generator = torch.Generator().manual_seed(seed)
+    notices: list[str] = []
+    images, sources, sizes, texts, names = [], [], [], [], []
+    for index, row in enumerate(dataset):
+        where = f"{name}[{index}]"
+        image = row[image_column]
+        if not isinstance(image, Image.Image):
+            raise DataError(f"{where}: column {image_column!r} holds {type(image).__name__}, not an image; check --image_column.")
+        caption = row[caption_column]
+        if isinstance(caption, (list, tuple, np.ndarray)) and len(caption) and all(isinstance(c, str) for c in caption):
+            caption = caption[int(torch.randint(0, len(caption), (1,), generator=generator))]
+        if not isinstance(caption, str):
+            raise DataError(
+                f"{where}: caption column {caption_column!r} should contain either strings or lists of strings, "
+                f"got {type(caption).__name__}."
+            )
+        centre, source, size = load_training_image(image, resolution, channels, where, notices, interpolation)
+        images.append(centre)
+        sources.append(source)
+        sizes.append(size)
+        texts.append(caption)
+        names.append(where)
+    stacked = torch.stack(images)
+    return ImageSet(stacked, [pixel_hash(im) for im in stacked], names, None, texts, _summarise(notices), sources, sizes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-draw crops and flips (train_text_to_image_lora.py's --center_crop / --random_flip semantics)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def draw_training_images(
+    sources: Sequence[torch.Tensor],
+    index: torch.Tensor,
+    resolution: int,
+    center_crop: bool,
+    random_flip: bool,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops (and flips) of `sources[index]`, drawn anew on every call: (images (B, C, res, res) in [-1, 1],
+    crop top-left coordinates (B, 2) as (top, left)).
+
+    Per item, in this order: a horizontal flip with probability 1/2 (`random_flip`), then the crop, centred
+    (`center_crop`) or at a uniform position, both drawn from `generator`. That is train_text_to_image_lora_sdxl.py's
+    order, so the coordinates are those SDXL conditions on; for Stable Diffusion 1.x/2.x, whose script crops
+    first and flips after, the distribution of training images is the same.
+
+    Example:
+        >>> sources = [torch.zeros(3, 8, 12, dtype=torch.uint8)]
+        >>> images, corners = draw_training_images(sources, torch.tensor([0, 0]), 8, False, True, torch.Generator().manual_seed(0))
+        >>> images.shape, corners.shape
+        (torch.Size([2, 3, 8, 8]), torch.Size([2, 2]))
+    """
+    images, corners = [], []
+    for i in index.tolist():
+        source = sources[i]
+        if random_flip and bool(torch.rand(1, generator=generator) < 0.5):
+            source = source.flip(-1)
+        top, left = crop_top_left(source.shape[1], source.shape[2], resolution, center_crop, generator)
+        images.append(source[:, top : top + resolution, left : left + resolution].float() / 127.5 - 1.0)
+        corners.append((top, left))
+    return torch.stack(images), torch.tensor(corners, dtype=torch.long)
+
+
+class AugmentedImagePool:
+    """A training pool that crops and flips each image every time it is drawn, then encodes it.
+
+    The drop-in for `unlearner.BatchPool` when `--random_flip` is set or images are not square (random crops
+    unless `center_crop`): the same `sample(batch_size, generator, device)`, items drawn uniformly with
+    replacement, conditioning indexed alongside (cached `encoder_hidden_states`, or `input_ids` with `encode`
+    when the text encoder trains). `encode_images(pixels)` turns the drawn pixels into the model's inputs (for
+    latent models, the VAE; run without gradients); `added_cond(original_sizes, crop_top_left, index)` may
+    return per-item extra conditioning (SDXL's time ids).
+
+    Sets without `sources` (generated or toy images, already square at the resolution) are used as they are.
+
+    Example:
+        >>> pool = AugmentedImagePool(keep, resolution=512, center_crop=False, random_flip=True,
+        ...                           encode_images=lambda x: encode_latents(vae, x), encoder_hidden_states=hidden)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        images: ImageSet,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        encode_images: Callable[[torch.Tensor], torch.Tensor],
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        input_ids: Optional[torch.Tensor] = None,
+        encode: Optional[Callable[[torch.Tensor], Any]] = None,
+        added_cond: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]] = None,
+    ):
+        if len(images) == 0:
+            raise ValueError("A batch pool needs at least one item.")
+        from .unlearner import BatchPool
+
+        # The index draw and the conditioning are BatchPool's own: a pool over the item numbers.
+        self._items = BatchPool(
+            torch.arange(len(images)), encoder_hidden_states=encoder_hidden_states, input_ids=input_ids, encode=encode
+        )
+        if images.sources is not None:
+            self.sources = list(images.sources)
+            self.original_sizes = torch.tensor(images.original_sizes, dtype=torch.long)
+        else:
+            self.sources = [((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for image in images.images]
+            self.original_sizes = torch.tensor([tuple(image.shape[1:]) for image in images.images], dtype=torch.long)
+        self.resolution = int(resolution)
+        self.center_crop = bool(center_crop)
+        self.random_flip = bool(random_flip)
+        self.encode_images = encode_images
+        self.added_cond = added_cond
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def sample(self, batch_size: int, generator: torch.Generator, device=None):
+        """A batch of `batch_size` items drawn with replacement, each cropped and flipped anew, then encoded."""
+        batch = self._items.sample(batch_size, generator, device)
+        index = batch.x0.cpu()
+        pixels, corners = draw_training_images(
+            self.sources, index, self.resolution, self.center_crop, self.random_flip, generator
+        )
+        with torch.no_grad():
+            x0 = self.encode_images(pixels)
+        batch.x0 = x0.to(device or x0.device)
+        if self.added_cond is not None:
+            extra = self.added_cond(self.original_sizes[index], corners, index)
+            batch.added_cond = {**(batch.added_cond or {}), **{k: v.to(device or v.device) for k, v in extra.items()}}
+        return batch
+
+
+def needs_augmented_pool(images: ImageSet, resolution: int, center_crop: bool, random_flip: bool) -> bool:
+    """True when training draws must be made anew each time: `random_flip`, or random crops (no `center_crop`)
+    of an image that is not a `resolution` square after resizing its shorter side. Otherwise every draw of an
+    item is its fixed centre crop (`images.images`), which can be encoded once and cached."""
+    if random_flip:
+        return True
+    if center_crop or images.sources is None:
+        return False
+    return any(tuple(s.shape[1:]) != (resolution, resolution) for s in images.sources)

@@ -118,6 +118,92 @@ def save_pipeline_into(pipeline, staged: StagedRun) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# train_text_to_image_lora.py's data and loss flags, with its names and meanings
+# ---------------------------------------------------------------------------------------------------------------
+
+#: The keep-set dataset flags (`add_keep_dataset_arguments`).
+KEEP_DATASET_FLAGS = ("dataset_name", "train_data_dir")
+
+
+def add_keep_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The official script's dataset flags, here describing the KEEP set (the data the model should go on
+    modelling): `--dataset_name`, `--dataset_config_name`, `--train_data_dir`, `--image_column`,
+    `--caption_column`, `--max_train_samples`, `--image_interpolation_mode`, `--dataloader_num_workers`."""
+    from .data import INTERPOLATION_MODES
+
+    parser.add_argument("--dataset_name", type=str, default=None, help="Keep set: a `datasets` dataset (Hub id or local dataset folder), loaded as train_text_to_image_lora.py loads its training data (needs `pip install datasets`).")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="The config of --dataset_name; leave it out if there is only one.")
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Keep set: a local imagefolder (images and a metadata.jsonl with file_name and the caption column), read by `datasets` as the official script reads it; with --dataset_name, that dataset's data_dir.")
+    parser.add_argument("--image_column", type=str, default="image", help="The dataset column holding the images (--dataset_name / --train_data_dir).")
+    parser.add_argument("--caption_column", type=str, default="text", help="The dataset column holding a caption, or a list of captions of which one is drawn per image with --seed (--dataset_name / --train_data_dir).")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Keep at most this many keep-set rows of --dataset_name / --train_data_dir (after a seeded shuffle), as the official flag does.")
+    parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=list(INTERPOLATION_MODES), help="The PIL filter that resizes each image's shorter side to --resolution (default lanczos, as train_text_to_image_lora.py).")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Accepted for compatibility with train_text_to_image_lora.py and has no effect: images are decoded, resized and (with fixed crops) encoded once before training, and each step's batch is drawn from that in-memory pool in the training process (per-draw crops and flips, and their VAE encoding, run there too).")
+
+
+def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--noise_offset`, `--snr_gamma` and `--scale_lr`, as in train_text_to_image_lora.py."""
+    parser.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset: noise + noise_offset * randn(batch, channels, 1, 1), in every denoising loss of every method (0, the default, is off).")
+    parser.add_argument("--snr_gamma", type=float, default=None, help="SNR weighting gamma for rebalancing the loss (Min-SNR, https://huggingface.co/papers/2303.09556; 5.0 is recommended): each per-sample loss is weighted by min(SNR_t, gamma)/SNR_t (epsilon) or min(SNR_t, gamma)/(SNR_t + 1) (v-prediction), in every method's loss terms.")
+    parser.add_argument("--scale_lr", action="store_true", help="Scale the learning rate by the number of processes, gradient accumulation steps and batch size.")
+
+
+def check_official_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Parse-time checks of the flags `add_keep_dataset_arguments` and `add_noise_arguments` add (nothing is
+    loaded): values in range, one keep set, and `datasets` installed when a dataset flag needs it."""
+    import importlib.util
+
+    from .noise import check_training_noise_options
+
+    try:
+        check_training_noise_options(args.noise_offset, args.snr_gamma)
+    except ValueError as error:
+        parser.error(f"--{error}")
+    if args.dataloader_num_workers < 0:
+        parser.error("--dataloader_num_workers must be >= 0.")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        parser.error("--max_train_samples must be >= 1.")
+    if args.dataset_config_name and not args.dataset_name:
+        parser.error("--dataset_config_name needs --dataset_name.")
+    given = [flag for flag in KEEP_DATASET_FLAGS if getattr(args, flag)]
+    if given:
+        others = [flag for flag in ("keep_data_dir", "keep_from_generations") if getattr(args, flag, None)]
+        if others:
+            parser.error(f"Give one keep set: --{given[0]} or --{others[0]}, not both.")
+        if importlib.util.find_spec("datasets") is None:
+            parser.error(f"--{given[0]} needs the `datasets` package: pip install datasets (or pip install \"diffusers-unlearn[datasets]\").")
+    elif args.max_train_samples is not None:
+        parser.error("--max_train_samples applies to --dataset_name / --train_data_dir only.")
+
+
+def scaled_learning_rate(learning_rate: float, gradient_accumulation_steps: int, train_batch_size: int, num_processes: int) -> float:
+    """`--scale_lr`: learning_rate * gradient_accumulation_steps * train_batch_size * num_processes, as
+    train_text_to_image_lora.py scales it.
+
+    Example:
+        >>> scaled_learning_rate(1e-4, 2, 8, 4)
+        0.0064
+    """
+    return learning_rate * gradient_accumulation_steps * train_batch_size * num_processes
+
+
+def official_fingerprint_entries(args: argparse.Namespace) -> dict[str, Any]:
+    """The entries of these flags that change training, for `script_fingerprint(..., **entries)`: each only when
+    it differs from its default, so checkpoints of runs that leave them at their defaults keep their
+    fingerprint. (`--scale_lr` acts through the learning rate, which the fingerprint holds already; the keep
+    set's items and prompts are in it too.)"""
+    defaults = {
+        "noise_offset": 0, "snr_gamma": None, "center_crop": False, "random_flip": False,
+        "image_interpolation_mode": "lanczos", "dataset_name": None, "dataset_config_name": None,
+        "train_data_dir": None, "image_column": "image", "caption_column": "text", "max_train_samples": None,
+    }
+    return {
+        key: getattr(args, key) for key, default in defaults.items()
+        if hasattr(args, key) and getattr(args, key) != default
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Resuming: which checkpoint, and is it this run's
 # ---------------------------------------------------------------------------------------------------------------
 
