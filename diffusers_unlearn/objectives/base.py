@@ -188,13 +188,18 @@ class Denoiser:
         denoiser's by default; "epsilon" for a term an objective always takes on noise estimates).
         """
         losses = per_sample_loss(prediction, target)
+        schedule_weights = self.schedule.loss_weights(timesteps)  # a flow model's --weighting_scheme
+        if schedule_weights is not None:
+            losses = losses * schedule_weights.to(losses.device)
         if self.snr_gamma is None:
             return losses
         weights = self.schedule.min_snr_weights(timesteps, self.snr_gamma, self.loss_space_kind(space))
         return losses * weights.to(losses.device)
 
     def model_output(self, x_t: torch.Tensor, timesteps: torch.Tensor, batch: DenoisingBatch) -> torch.Tensor:
-        """The model's raw output (of its own prediction type)."""
+        """The model's raw output (of its own prediction type). `timesteps` index the schedule's grid; the model
+        gets `schedule.model_timesteps(timesteps)` (the same for DDPM models, sigma * 1000 for flow models)."""
+        timesteps = self.schedule.model_timesteps(timesteps)
         if self.call is not None:
             return self.call(self.model, x_t, timesteps, batch.conditioning())
         kwargs = {}

@@ -79,9 +79,10 @@ def sample_ddim(
     steps = torch.linspace(schedule.num_train_timesteps - 1, 0, num_inference_steps).round().long()
     for i, t in enumerate(steps):
         timesteps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-        eps = denoiser(x, timesteps, like)
-        gamma, sigma = schedule.coefficients(timesteps, x)
-        x0 = ((x - sigma * eps) / gamma).clamp(-1, 1)
+        output = denoiser.model_output(x, timesteps, like)
+        eps = schedule.to_epsilon(output, x, timesteps)
+        # x0 from the model output directly: through eps it would divide by gamma, 0 at a flow model's sigma = 1.
+        x0 = schedule.to_sample(output, x, timesteps).clamp(-1, 1)
         if i + 1 < len(steps):
             prev = torch.full_like(timesteps, int(steps[i + 1]))
             gamma_prev, sigma_prev = schedule.coefficients(prev, x)
