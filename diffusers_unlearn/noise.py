@@ -102,6 +102,15 @@ class NoiseSchedule:
             return gamma * x_t - sigma * model_output
         return (x_t - sigma * model_output) / gamma
 
+    def checked_range(self, timestep_range: Optional[tuple[int, int]]) -> tuple[int, int]:
+        """(low, high) of a timestep range (the whole grid for None); ValueError outside the grid."""
+        low, high = timestep_range if timestep_range is not None else (0, self.num_train_timesteps)
+        if not 0 <= low < high <= self.num_train_timesteps:
+            raise ValueError(
+                f"timestep_range {(low, high)} must satisfy 0 <= low < high <= {self.num_train_timesteps}."
+            )
+        return low, high
+
     def sample_timesteps(
         self,
         batch_size: int,
@@ -110,11 +119,7 @@ class NoiseSchedule:
         timestep_range: Optional[tuple[int, int]] = None,
     ) -> torch.Tensor:
         """Uniform timesteps in [low, high) (the whole schedule by default)."""
-        low, high = timestep_range if timestep_range is not None else (0, self.num_train_timesteps)
-        if not 0 <= low < high <= self.num_train_timesteps:
-            raise ValueError(
-                f"timestep_range {(low, high)} must satisfy 0 <= low < high <= {self.num_train_timesteps}."
-            )
+        low, high = self.checked_range(timestep_range)
         gen_device = generator.device if generator is not None else "cpu"
         t = torch.randint(low, high, (batch_size,), generator=generator, device=gen_device)
         return t.to(device)
@@ -308,11 +313,7 @@ class FlowMatchSchedule(NoiseSchedule):
     ) -> torch.Tensor:
         """Grid indices with the official scripts' density over sigma (within [low, high) when given): u from
         the weighting scheme's density, then the scheduler index floor(u * n), counted from the noisy end."""
-        low, high = timestep_range if timestep_range is not None else (0, self.num_train_timesteps)
-        if not 0 <= low < high <= self.num_train_timesteps:
-            raise ValueError(
-                f"timestep_range {(low, high)} must satisfy 0 <= low < high <= {self.num_train_timesteps}."
-            )
+        low, high = self.checked_range(timestep_range)
         gen_device = generator.device if generator is not None else "cpu"
         # The same float32 draws as diffusers' compute_density_for_timestep_sampling, so a shared seed gives the
         # official scripts' timesteps.
