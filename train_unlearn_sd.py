@@ -61,6 +61,11 @@ from diffusers_unlearn.training import (
     check_resume_argument,
     run_unlearning_loop,
     script_fingerprint,
+    add_keep_dataset_arguments,
+    add_noise_arguments,
+    check_official_arguments,
+    official_fingerprint_entries,
+    scaled_learning_rate,
 )
 from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
 from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
@@ -82,6 +87,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_forget_generations", type=int, default=16, help="Generations per memorized prompt searched for a cluster.")
     parser.add_argument("--keep_data_dir", type=str, default=None, help="Image folder with metadata.jsonl (file_name, text) of images to keep, read like --forget_data_dir. Copies of forget images (exact, or within --near_duplicate_distance) are removed from it with a notice.")
     parser.add_argument("--keep_from_generations", type=int, default=None, help="Generate N images per forget prompt; those far from every forget image become the keep set.")
+    add_keep_dataset_arguments(parser)  # --dataset_name, --train_data_dir, ...: the keep set, as the official script's data
     parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation counts as a forget copy (of a forget image, or of a generation already counted as one). Default: --memorization_threshold.")
     parser.add_argument("--heldout_data_dir", type=str, default=None, help="Image folder with prompts the model never saw: heldout_loss and membership-inference AUC.")
     parser.add_argument("--output_dir", type=str, default="unlearn-sd-output")
@@ -89,8 +95,8 @@ def parse_args(argv=None):
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=None, help="Square size in pixels that images are trained and generated at (every generation: keep set, evaluation, validation, noise norm). Default: the UNet's sample_size times the VAE scale factor.")
-    parser.add_argument("--center_crop", action="store_true", help="Crop non-square images to their centre square before resizing (default: resize the whole image).")
-    parser.add_argument("--random_flip", action="store_true", help="Also train on horizontally flipped copies.")
+    parser.add_argument("--center_crop", action="store_true", help="Whether to center crop the input images to the resolution. If not set, the images will be randomly cropped, anew each time an image is drawn for training (as train_text_to_image_lora.py: the shorter side is first resized to --resolution with --image_interpolation_mode). Hashes, overlap checks and metrics always use the centre crop.")
+    parser.add_argument("--random_flip", action="store_true", help="Whether to randomly flip training images horizontally: each image is flipped with probability 1/2 every time it is drawn (as the official script).")
     # Optimization.
     parser.add_argument("--train_batch_size", type=int, default=8)
     parser.add_argument("--max_train_steps", type=int, default=200)
@@ -98,6 +104,7 @@ def parse_args(argv=None):
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--learning_rate", type=float, default=None, help="Default: 1e-3 with LoRA, 1e-5 for full fine-tuning (on the bundled toy: 2e-3 and 1e-4).")
     parser.add_argument("--lr_scheduler", type=str, default="constant")
+    add_noise_arguments(parser)  # --noise_offset, --snr_gamma, --scale_lr
     parser.add_argument("--lr_warmup_steps", type=int, default=0)
     parser.add_argument("--adam_beta1", type=float, default=0.9)
     parser.add_argument("--adam_beta2", type=float, default=0.999)
@@ -143,6 +150,7 @@ def parse_args(argv=None):
 
     # Cheap checks first: nothing has been loaded yet.
     check_method_arguments(parser, args)
+    check_official_arguments(parser, args)
     check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resume_from_checkpoint=args.resume_from_checkpoint)
     check_hub_arguments(args.report_to, args.hub_token)
     given = [name for name in ("forget_data_dir", "forget_images", "memorized_prompts_file") if getattr(args, name)]
@@ -171,7 +179,7 @@ def parse_args(argv=None):
         from diffusers_unlearn.toy import toy_model_path
 
         args.pretrained_model_name_or_path = toy_model_path("sd_tiny")
-        if not given and args.keep_data_dir is None and args.keep_from_generations is None:
+        if not given and args.keep_data_dir is None and args.keep_from_generations is None and not (args.dataset_name or args.train_data_dir):
             args.keep_from_generations = 64
     elif not given:
         parser.error("Give the images to forget: --forget_data_dir, --forget_images with --forget_prompts, or --memorized_prompts_file.")
@@ -232,18 +240,28 @@ def check_inputs(args):
         unlearn_data.check_prompted_images(args.forget_images, args.forget_prompts or [], "forget")
     if args.memorized_prompts_file:
         unlearn_data.read_prompts_file(args.memorized_prompts_file)
+    if args.dataset_name or args.train_data_dir:  # opens the dataset and checks its columns
+        open_keep_dataset(args)
     if not os.path.isdir(args.pretrained_model_name_or_path):  # a Hub id: its model_index.json, not the weights
         check_hub_model(args.pretrained_model_name_or_path, model_kinds(args), args.revision, args.cache_dir)
 
 
+def open_keep_dataset(args):
+    """The keep set's `datasets` dataset (--dataset_name / --train_data_dir), its columns checked."""
+    return unlearn_data.open_text_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.caption_column, args.cache_dir)
+
+
 def load_forget_and_keep(args, pipe, resolution, threshold):
-    """Forget and keep sets as images with prompts, validated before any training."""
+    """Forget and keep sets as images with prompts, validated before any training. Image files are prepared as
+    train_text_to_image_lora.py prepares them (shorter side resized with --image_interpolation_mode); each set
+    holds its centre crops, and the resized images for per-draw crops and flips."""
     channels = pipe.vae.config.in_channels
+    interpolation = args.image_interpolation_mode
     keep = None
     if args.forget_data_dir:
-        forget = unlearn_data.load_image_folder(args.forget_data_dir, resolution, channels, "forget", require_text=True, center_crop=args.center_crop)
+        forget = unlearn_data.load_image_folder(args.forget_data_dir, resolution, channels, "forget", require_text=True, interpolation=interpolation)
     elif args.forget_images:
-        forget = unlearn_data.load_prompted_images(args.forget_images, args.forget_prompts or [], resolution, channels, "forget", center_crop=args.center_crop)
+        forget = unlearn_data.load_prompted_images(args.forget_images, args.forget_prompts or [], resolution, channels, "forget", interpolation=interpolation)
     elif args.memorized_prompts_file:
         forget, keep = forget_from_generations(args, pipe, unlearn_data.read_prompts_file(args.memorized_prompts_file), threshold, resolution)
     else:  # the toy: its canary, under the prompt it shares with one digit class
@@ -253,7 +271,9 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
     forget = unlearn_data.deduplicate(forget, "forget")
 
     if args.keep_data_dir:
-        keep = unlearn_data.load_image_folder(args.keep_data_dir, resolution, channels, "keep", require_text=True, center_crop=args.center_crop)
+        keep = unlearn_data.load_image_folder(args.keep_data_dir, resolution, channels, "keep", require_text=True, interpolation=interpolation)
+    elif args.dataset_name or args.train_data_dir:
+        keep = unlearn_data.load_text_image_dataset(open_keep_dataset(args), resolution, channels, args.image_column, args.caption_column, interpolation, max_samples=args.max_train_samples, seed=args.seed, name="keep")
     elif args.keep_from_generations:
         prompts = sorted(set(forget.texts))
         generations = generate_images(pipe, prompts, args.keep_from_generations, seed=args.seed + 1, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)
@@ -271,11 +291,11 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
     if keep is not None:
         keep = unlearn_data.remove_overlap(keep, forget, args.near_duplicate_distance)
     else:
-        raise unlearn_data.DataError("No keep set: give --keep_data_dir or --keep_from_generations N.")
+        raise unlearn_data.DataError("No keep set: give --keep_data_dir, --dataset_name, --train_data_dir or --keep_from_generations N.")
 
     heldout = None
     if args.heldout_data_dir:
-        heldout = unlearn_data.load_image_folder(args.heldout_data_dir, resolution, channels, "heldout", require_text=True, center_crop=args.center_crop)
+        heldout = unlearn_data.load_image_folder(args.heldout_data_dir, resolution, channels, "heldout", require_text=True, interpolation=interpolation)
     elif args.using_toy:
         from diffusers_unlearn.toy.text_to_image import heldout_set
 
@@ -315,6 +335,8 @@ def main(args):
     started = time.time()
     check_inputs(args)
     accelerator = make_accelerator(args)
+    if args.scale_lr:  # as train_text_to_image_lora.py, once the number of processes is known
+        args.learning_rate = scaled_learning_rate(args.learning_rate, args.gradient_accumulation_steps, args.train_batch_size, accelerator.num_processes)
     repo_id = args.hub_model_id
     if args.push_to_hub and accelerator.is_main_process:  # a bad token or repo id fails now, not after training
         repo_id = create_hub_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token)
@@ -377,13 +399,15 @@ def main(args):
     validation_prompt = args.validation_prompt or forget_prompts[0]
 
     def cache(image_set):
-        """(latents, token ids, conditioning dict) of an image set, on the CPU: the family's latents and prompt
-        conditioning (SDXL: pooled embeddings and size/crop time_ids too)."""
-        images = image_set.images
-        texts = list(image_set.texts)
-        if args.random_flip:  # both orientations in the pool = a flip with probability 1/2
-            images, texts = torch.cat([images, images.flip(-1)]), texts + texts
-        cond = family.encode_prompts(components, texts, target_size=(resolution, resolution))
+        """(latents, token ids, conditioning dict) of an image set's fixed (centre-crop) form, on the CPU: the
+        family's latents and prompt conditioning (SDXL: pooled embeddings and time_ids from each image's original
+        size and centre-crop corner)."""
+        images, texts = image_set.images, list(image_set.texts)
+        sizes = corners = None
+        if image_set.sources is not None:
+            sizes = image_set.original_sizes
+            corners = [unlearn_data.crop_top_left(s.shape[1], s.shape[2], resolution, center=True) for s in image_set.sources]
+        cond = family.encode_prompts(components, texts, original_sizes=sizes, crops_top_left=corners, target_size=(resolution, resolution))
         return family.encode_images(components, images), family.tokenize(components, texts), {key: value.cpu() for key, value in cond.items()}
 
     def batch_of(cached, limit=None):
@@ -399,7 +423,7 @@ def main(args):
     if objective.needs_keep and len(keep) == 0:
         raise UserInputError(f"--method {args.method} needs a keep set.")
     # A checkpoint of another run (other data, method or settings) is refused before any evaluation.
-    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution, model_family=family.name, vae=args.pretrained_vae_model_name_or_path)
+    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution, model_family=family.name, vae=args.pretrained_vae_model_name_or_path, **official_fingerprint_entries(args))
     resume_path = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, fingerprint, args.max_train_steps)
 
     # Evaluation (main process), before training; the same seeds after training.
@@ -462,9 +486,15 @@ def main(args):
         before, per_prompt_before = evaluate(unet)
         logger.info(f"Before unlearning: { {k: v for k, v in before.items() if not torch.is_tensor(v)} }")
 
-    # The VAE and the text encoders are not needed again until evaluation: off the accelerator.
+    # The VAE and the text encoders are not needed again until evaluation: off the accelerator. (The VAE stays when
+    # training images are cropped or flipped anew at every draw, and so encoded at every draw.)
     text_encoders = {name: components[name] for name in family.text_encoder_names}
-    vae.to("cpu")
+    augmented = {name: unlearn_data.needs_augmented_pool(image_set, resolution, args.center_crop, args.random_flip) for name, image_set in (("forget", forget), ("keep", keep))}
+    if augmented["forget"] or augmented["keep"]:
+        logger.info(f"Per-draw crops/flips (VAE encoding each draw) for: {', '.join(name for name, on in augmented.items() if on)}.")
+    vae_stays = augmented["forget"] or augmented["keep"]
+    if not vae_stays:
+        vae.to("cpu")
     if not args.train_text_encoder:
         for encoder in text_encoders.values():
             encoder.to("cpu")
@@ -496,7 +526,7 @@ def main(args):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
 
-    denoiser = Denoiser(unet, schedule, args.loss_space, call=family.call)
+    denoiser = Denoiser(unet, schedule, args.loss_space, call=family.call, noise_offset=args.noise_offset, snr_gamma=args.snr_gamma)
     with accelerator.autocast():
         objective.prepare(denoiser, batch_of(forget_cache), generator=step_generator(args.seed, -1))
     names = list(trained_text_encoders)
@@ -516,16 +546,24 @@ def main(args):
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("unlearn-sd", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
-    def pool(cached):
+    def pool(cached, image_set, augment):
         latents, input_ids, cond = cached
         if args.train_text_encoder:  # embeddings change during training: encode the token ids every step
             encoding = {**text_encoders, **trained_text_encoders}
             micro = {key: value for key, value in cond.items() if key not in ("encoder_hidden_states", "text_embeds")}
-            return BatchPool(latents, input_ids=input_ids, encode=lambda ids: family.encode_tokens(encoding, ids), added_cond=micro or None)
-        extra = {key: value for key, value in cond.items() if key != "encoder_hidden_states"}
-        return BatchPool(latents, encoder_hidden_states=cond["encoder_hidden_states"], added_cond=extra or None)
+            text = {"input_ids": input_ids, "encode": lambda ids: family.encode_tokens(encoding, ids)}
+        else:
+            micro = {key: value for key, value in cond.items() if key != "encoder_hidden_states"}
+            text = {"encoder_hidden_states": cond["encoder_hidden_states"]}
+        if not augment:
+            return BatchPool(latents, added_cond=micro or None, **text)
+        # Crops and flips drawn anew each time an image is drawn (SDXL: time_ids from that draw's crop corner).
+        return unlearn_data.AugmentedImagePool(
+            image_set, resolution, args.center_crop, args.random_flip, lambda pixels: family.encode_images(components, pixels),
+            cached_cond=micro or None, added_cond=lambda sizes, corners, index: family.micro_conditioning(components, len(index), sizes.tolist(), corners.tolist(), (resolution, resolution)), **text,
+        )
 
-    forget_pool, keep_pool = pool(forget_cache), pool(keep_cache)
+    forget_pool, keep_pool = pool(forget_cache, forget, augmented["forget"]), pool(keep_cache, keep, augmented["keep"])
 
     start_step, validation_history = checkpointer.load(resume_path) if resume_path else (0, [])
 
@@ -538,7 +576,8 @@ def main(args):
             module.to(device)
         with accelerator.autocast():
             images = generate_images(pipe, [validation_prompt], args.num_validation_images, seed=args.seed + 3, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)[0]
-        vae.to("cpu")
+        if not vae_stays:
+            vae.to("cpu")
         if not args.train_text_encoder:
             for encoder in text_encoders.values():
                 encoder.to("cpu")
@@ -603,6 +642,7 @@ def main(args):
             "max_train_steps": args.max_train_steps,
             "train_batch_size": args.train_batch_size,
             "learning_rate": args.learning_rate,
+            "training_options": official_fingerprint_entries(args),
             "resolution": resolution,
             "memorization_threshold": threshold,
             "num_processes": accelerator.num_processes,

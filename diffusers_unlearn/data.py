@@ -899,9 +899,10 @@ class AugmentedImagePool:
     The drop-in for `unlearner.BatchPool` when `--random_flip` is set or images are not square (random crops
     unless `center_crop`): the same `sample(batch_size, generator, device)`, items drawn uniformly with
     replacement, conditioning indexed alongside (cached `encoder_hidden_states`, or `input_ids` with `encode`
-    when the text encoder trains). `encode_images(pixels)` turns the drawn pixels into the model's inputs (for
-    latent models, the VAE; run without gradients); `added_cond(original_sizes, crop_top_left, index)` may
-    return per-item extra conditioning (SDXL's time ids).
+    when the text encoder trains, and `cached_cond`, further per-item conditioning by name). `encode_images(pixels)`
+    turns the drawn pixels into the model's inputs (for latent models, the VAE; run without gradients);
+    `added_cond(original_sizes, crop_top_left, index)` may return per-item extra conditioning from the draw
+    (SDXL's time ids), which replaces a `cached_cond` entry of the same name.
 
     Sets without `sources` (generated or toy images, already square at the resolution) are used as they are.
 
@@ -921,6 +922,7 @@ class AugmentedImagePool:
         input_ids: Optional[torch.Tensor] = None,
         encode: Optional[Callable[[torch.Tensor], Any]] = None,
         added_cond: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]] = None,
+        cached_cond: Optional[dict[str, torch.Tensor]] = None,
     ):
         if len(images) == 0:
             raise ValueError("A batch pool needs at least one item.")
@@ -928,7 +930,8 @@ class AugmentedImagePool:
 
         # The index draw and the conditioning are BatchPool's own: a pool over the item numbers.
         self._items = BatchPool(
-            torch.arange(len(images)), encoder_hidden_states=encoder_hidden_states, input_ids=input_ids, encode=encode
+            torch.arange(len(images)), encoder_hidden_states=encoder_hidden_states, input_ids=input_ids, encode=encode,
+            added_cond=cached_cond,
         )
         if images.sources is not None:
             self.sources = list(images.sources)
