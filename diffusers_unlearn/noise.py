@@ -414,9 +414,11 @@ def draw_noise(
     device = generator.device if generator is not None else like.device
     noise = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
     if noise_offset:
-        if like.ndim < 3:
+        if like.ndim < 4:
+            # (batch, tokens, features) packed latents (Flux) have no channel axis at position 1.
             raise ValueError(
-                f"noise_offset needs inputs shaped (batch, channels, ...), got shape {tuple(like.shape)}."
+                "noise_offset needs image-shaped inputs (batch, channels, height, width, ...), got shape "
+                f"{tuple(like.shape)}."
             )
         offset_shape = tuple(like.shape[:2]) + (1,) * (like.ndim - 2)
         noise = noise + noise_offset * torch.randn(offset_shape, generator=generator, device=device, dtype=torch.float32)

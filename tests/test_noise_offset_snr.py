@@ -175,3 +175,10 @@ def test_bad_options_raise_one_clear_error(kwargs, message):
     denoiser, _, _ = batches("unconditional")
     with pytest.raises(ValueError, match=message):
         Denoiser(denoiser.model, denoiser.schedule, **kwargs)
+
+
+def test_noise_offset_refuses_inputs_without_a_channel_axis():
+    """Packed (batch, tokens, features) latents have no per-channel offset to add."""
+    with pytest.raises(ValueError, match="image-shaped"):
+        draw_noise(torch.zeros(2, 16, 64), torch.Generator().manual_seed(0), noise_offset=0.1)
+    assert draw_noise(torch.zeros(2, 16, 64), torch.Generator().manual_seed(0)).shape == (2, 16, 64)

@@ -191,3 +191,19 @@ def test_sdxl_time_ids_carry_each_draws_crop_corner(workspace, tmp_path, monkeyp
     assert originals <= {(16, 24), (28, 16), (16, 20), (16, 16)}
     assert any(tuple(corner) != (0, 0) for _, corners in draws for corner in corners)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_random_flip_resumes_exactly_and_works_with_a_training_text_encoder(workspace, tmp_path):
+    """Per-draw flips and crops come from the step's generator, so a resumed run draws what a straight one did;
+    with --train_text_encoder the pool encodes the token ids every draw."""
+    common = ["--train_data_dir", str(workspace / "keep_folder"), "--caption_column", "caption", "--random_flip",
+              "--train_text_encoder", "--checkpointing_steps", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(args_for(workspace, straight, *common, "--max_train_steps", "4"))
+    run(args_for(workspace, resumed, *common, "--max_train_steps", "2"))
+    run(args_for(workspace, resumed, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and any(key.startswith("text_encoder.") for key in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
