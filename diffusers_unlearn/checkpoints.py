@@ -12,6 +12,10 @@ lr_scheduler / unlearner / ema / grad_scaler .safetensors   their tensors, if an
 rng_state_<process>.safetensors  each process's Python, NumPy, torch (and CUDA) random states
 ```
 
+Under FSDP2 the weights and the optimizer state are gathered from every process's shards and written whole, keyed
+by parameter name (`torch.distributed.checkpoint.state_dict`, full state dicts on the main process's CPU), so a
+checkpoint does not depend on the number of processes; on resume every process reads them and keeps its shards.
+
 Nested states (an optimizer's `state_dict()`, say) are split into a JSON tree and a flat dict of tensors; the
 JSON names each tensor by its key. Loading builds only dicts, lists, tuples, numbers, strings and tensors, so a
 crafted checkpoint cannot run code. A folder holding any file the manifest does not list (an accelerate
@@ -43,7 +47,8 @@ import numpy as np
 import torch
 
 from .errors import UserInputError
-from .unlearner import Unlearner, load_trainable_state, save_trainable_state
+from .gradients import is_sharded
+from .unlearner import Unlearner, load_trainable_state, save_trainable_state, trainable_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +329,39 @@ class Checkpointer:
         self.models = list(models)
         self.fingerprint = fingerprint or {}
         self.states = {"optimizer": optimizer, "lr_scheduler": lr_scheduler, "unlearner": unlearner, "ema": ema}
+        if ema is not None and self._sharded_model() is not None:
+            raise ValueError("An EMA of FSDP-sharded weights is not supported: train without --use_ema under FSDP.")
+
+    def _sharded_model(self) -> Optional[torch.nn.Module]:
+        """The FSDP2-sharded model this run trains, or None (accelerate's FSDP2 prepares one model per run)."""
+        for model in self.models:
+            model = self.accelerator.unwrap_model(model)
+            if is_sharded(list(model.parameters())):
+                return model
+        return None
+
+    def _optimizer_state(self, sharded_model: Optional[torch.nn.Module]) -> Optional[dict]:
+        """The optimizer's state; under FSDP2 gathered whole and keyed by parameter name (every process must call
+        this; the main process gets the tensors)."""
+        optimizer = self.states["optimizer"]
+        if optimizer is None:
+            return None
+        if sharded_model is None:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(sharded_model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+    def _load_optimizer_state(self, state: dict, sharded_model: Optional[torch.nn.Module]) -> None:
+        optimizer = self.states["optimizer"]
+        if sharded_model is None:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(sharded_model, getattr(optimizer, "optimizer", optimizer), state,
+                                 options=StateDictOptions(full_state_dict=True))
 
     def _stateful(self) -> dict[str, Any]:
         states = {name: obj for name, obj in self.states.items() if obj is not None}
@@ -347,10 +385,17 @@ class Checkpointer:
         rng_tree = save_tree(tmp, rng_name, get_rng_state())
         with open(os.path.join(tmp, f"{rng_name}.json.part"), "w", encoding="utf-8") as handle:
             json.dump(rng_tree, handle)  # gathered into the manifest by the main process below
+        # Every process: under FSDP the weights and optimizer state are gathered from all shards.
+        sharded_model = self._sharded_model()
+        weights = [trainable_state_dict(accelerator.unwrap_model(model)) for model in self.models]
+        optimizer_state = self._optimizer_state(sharded_model)
         if accelerator.is_main_process:
-            for index, model in enumerate(self.models):
-                save_trainable_state(accelerator.unwrap_model(model), tmp, trainable_weights_name(index))
-            trees = {name: save_tree(tmp, name, obj.state_dict()) for name, obj in self._stateful().items()}
+            for index, (model, state) in enumerate(zip(self.models, weights)):
+                save_trainable_state(accelerator.unwrap_model(model), tmp, trainable_weights_name(index), state=state)
+            trees = {
+                name: save_tree(tmp, name, optimizer_state if name == "optimizer" else obj.state_dict())
+                for name, obj in self._stateful().items()
+            }
             if self.save_adapter is not None:
                 self.save_adapter(tmp)
         accelerator.wait_for_everyone()
@@ -398,10 +443,14 @@ class Checkpointer:
         for index, model in enumerate(self.models):
             load_trainable_state(self.accelerator.unwrap_model(model), path, trainable_weights_name(index))
         saved_states = manifest.get("states", {})
+        sharded_model = self._sharded_model()
         for name, obj in self._stateful().items():
             if name not in saved_states:
                 raise UserInputError(f"{path} holds no {name} state, which this run needs.")
-            obj.load_state_dict(load_tree(path, name, saved_states[name]))
+            if name == "optimizer":
+                self._load_optimizer_state(load_tree(path, name, saved_states[name]), sharded_model)
+            else:
+                obj.load_state_dict(load_tree(path, name, saved_states[name]))
             if name == "ema":  # loaded on the CPU; the EMA update needs its shadow weights beside the model's
                 obj.to(self.accelerator.device)
         rng_name = f"rng_state_{self.accelerator.process_index}"

@@ -12,11 +12,19 @@ through `accelerator.backward`, so loss scaling, gradient accumulation and DDP a
 Gradients measured with `torch.autograd.grad` fire no DDP hooks, so they are averaged
 across processes by hand: the norms are those of the all-reduced gradients.
 
+Under FSDP2 (`fully_shard`, accelerate's `fsdp_version: 2`) each parameter is a DTensor holding one shard per
+process. `torch.autograd.grad` with respect to sharded parameters returns nothing (the forward runs on
+all-gathered copies), so the gradients are measured by an ordinary backward pass with the graph retained: FSDP
+reduce-scatters them, averaged over the processes, into each process's shard of `.grad`. Norms and inner products
+are then taken over the whole gradient: each process sums its shard's squares (or products) and the sums are
+all-reduced (SUM) over the processes holding the shards, never the norm of one shard.
+
 A zero forget gradient always gives a zero forget contribution, never inf or NaN.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -63,6 +71,17 @@ class _Backend:
             return tensors
         return self.accelerator.reduce(tensors, reduction="mean")
 
+    def averaged_gradients(self, loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """d(loss)/d(params) averaged over the processes, leaving `.grad` as it was; the graph is kept.
+
+        Replicated parameters (one process, DDP): `torch.autograd.grad`, then an all-reduce (mean).
+        FSDP-sharded parameters: an ordinary backward, which FSDP reduce-scatters (mean) into `.grad`; each
+        process gets its shard (a DTensor) of the averaged gradient.
+        """
+        if not is_sharded(params):
+            return self.mean_over_processes(_gradients(loss, params, self.loss_scale))
+        return _sharded_gradients(loss, params, self.loss_scale, self.accumulation_steps)
+
 
 def _gradients(loss: torch.Tensor, params: Sequence[torch.nn.Parameter], scale: float) -> list[torch.Tensor]:
     """d(loss)/d(params) without touching `.grad`; the graph is kept for the final backward.
@@ -78,17 +97,86 @@ def _gradients(loss: torch.Tensor, params: Sequence[torch.nn.Parameter], scale: 
     ]
 
 
-def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    if len(tensors) == 0:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+@functools.lru_cache(maxsize=None)
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return None
+    return DTensor
+
+
+def is_sharded(tensors: Sequence[torch.Tensor]) -> bool:
+    """True if any of `tensors` is a DTensor, as FSDP2's (`fully_shard`) parameters and gradients are."""
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+
+
+def _sharded_gradients(
+    loss: torch.Tensor, params: Sequence[torch.nn.Parameter], scale: float, accumulation_steps: int
+) -> list[torch.Tensor]:
+    """`_gradients` for FSDP-sharded parameters: each process's shard of the process-averaged gradient.
+
+    Runs `backward(retain_graph=True)` outside `accelerator.backward` (no accumulation division) with `.grad`
+    set aside, reads the shards FSDP wrote, and puts the earlier `.grad` back.
+    """
+    if accumulation_steps > 1:
+        raise ValueError(
+            "Under FSDP this method's combiner measures gradient norms with an extra backward pass, which "
+            "cannot be done inside a gradient-accumulation window (FSDP defers the reduce-scatter to its last "
+            "micro-batch). Use --gradient_accumulation_steps 1 with a larger per-process batch, or DDP."
+        )
+    if not loss.requires_grad:
+        return [torch.zeros_like(p) for p in params]
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        (loss * scale if scale != 1.0 else loss).backward(retain_graph=True)
+        return [
+            torch.zeros_like(p) if p.grad is None else (p.grad / scale if scale != 1.0 else p.grad) for p in params
+        ]
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
 
 
 def _dot(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> torch.Tensor:
-    total = torch.zeros((), device=first[0].device if first else "cpu")
+    """The inner product of two lists of tensors, as if each list were one flat vector (float32).
+
+    A sharded pair (DTensors, the FSDP gradients of one parameter) contributes the product of the local shards,
+    summed over the processes that hold the other shards; replicated tensors contribute once.
+    """
+    dtensor = _dtensor_class()
+    total = torch.zeros((), device=first[0].device if first and not is_sharded(first) else "cpu")
+    partials: dict[tuple, list] = {}  # (mesh, sharded mesh dims) -> [mesh, dims, local sum]
     for a, b in zip(first, second):
-        total = total + (a.float() * b.float()).sum()
+        if dtensor is not None and isinstance(a, dtensor):
+            if not isinstance(b, dtensor) or a.placements != b.placements:
+                raise ValueError("Cannot take an inner product of tensors sharded differently.")
+            local = (a.to_local().float() * b.to_local().float()).sum()
+            dims = tuple(i for i, placement in enumerate(a.placements) if placement.is_shard())
+            entry = partials.setdefault((id(a.device_mesh), dims), [a.device_mesh, dims, torch.zeros((), device=local.device)])
+            entry[2] = entry[2] + local
+        else:
+            total = total.to(a.device) + (a.float() * b.float()).sum()
+    if partials:
+        import torch.distributed as dist
+
+        for mesh, dims, local in partials.values():  # the same order on every process: that of `params`
+            for dim in dims:
+                dist.all_reduce(local, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+            total = total.to(local.device) + local
     return total
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of a list of tensors as one flat vector; over the whole tensors when they are FSDP shards."""
+    if len(tensors) == 0:
+        return torch.zeros(())
+    if is_sharded(tensors):
+        return _dot(tensors, tensors).sqrt()
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
 
 
 def _check_finite_loss(terms: LossTerms, step: Optional[int], backend: Optional["_Backend"] = None) -> None:
@@ -214,8 +302,8 @@ class FixedNormCombiner:
             return logs
 
         if self.scaling_norm is None:
-            keep_grads = _gradients(terms.keep, params, backend.loss_scale) if terms.keep is not None else []
-            keep_norm = _norm(backend.mean_over_processes(keep_grads))
+            keep_grads = backend.averaged_gradients(terms.keep, params) if terms.keep is not None else []
+            keep_norm = _norm(keep_grads)
             del keep_grads
             if _check_finite_norm(keep_norm, "keep", step, backend):
                 self.scaling_norm = self.relative_norm * float(keep_norm)
@@ -224,8 +312,8 @@ class FixedNormCombiner:
         overflow = False
         refresh = self._last_forget_norm is None or self._calls % self.norm_refresh_every == 0
         if refresh:
-            forget_grads = _gradients(terms.forget, params, backend.loss_scale)
-            forget_norm = _norm(backend.mean_over_processes(forget_grads))
+            forget_grads = backend.averaged_gradients(terms.forget, params)
+            forget_norm = _norm(forget_grads)
             del forget_grads
             if _check_finite_norm(forget_norm, "forget", step, backend):
                 self._last_forget_norm = float(forget_norm)
@@ -248,6 +336,49 @@ class FixedNormCombiner:
         return logs
 
 
+def _hooked_keep_backward(keep: torch.Tensor, params: Sequence[torch.nn.Parameter], forget_grads: Sequence[torch.Tensor],
+                          backend: _Backend) -> torch.Tensor:
+    """The keep term's ordinary backward, with parameter hooks that read this pass's keep gradient (before it is
+    accumulated into .grad, and before DDP averages it, already multiplied by loss scale / accumulation steps);
+    returns its inner product with the forget gradient, averaged over the processes."""
+    inner = [torch.zeros((), device=params[0].device)]
+
+    def make_hook(forget_grad):
+        def hook(grad):
+            inner[0] = inner[0] + (grad.float() * forget_grad.float()).sum()
+            return grad
+
+        return hook
+
+    handles = [p.register_hook(make_hook(g)) for p, g in zip(params, forget_grads) if p.requires_grad]
+    try:
+        backend.backward(keep)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return backend.mean_over_processes([inner[0]])[0]
+
+
+def _sharded_keep_backward(keep: torch.Tensor, params: Sequence[torch.nn.Parameter], forget_grads: Sequence[torch.Tensor],
+                           backend: _Backend) -> torch.Tensor:
+    """`_hooked_keep_backward` for FSDP-sharded parameters, whose hooks never fire: the keep backward runs with
+    `.grad` set aside, so what FSDP writes there is this pass's (averaged, scaled) keep gradient; the inner
+    product is taken over the whole gradient, and `.grad` becomes the earlier one plus this pass's."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        backend.backward(keep)
+        inner = _dot([torch.zeros_like(g) if p.grad is None else p.grad for p, g in zip(params, forget_grads)],
+                     forget_grads)
+    finally:
+        with torch.no_grad():
+            for p, grad in zip(params, saved):
+                if grad is not None:
+                    p.grad = grad if p.grad is None else grad.add_(p.grad)
+    return inner
+
+
 class BOMECombiner:
     """EraseDiff's adaptive weight (BOME): g = grad(keep) + lam * grad(forget),
 
@@ -256,7 +387,9 @@ class BOMECombiner:
     Two backward passes: `torch.autograd.grad` measures grad(forget); the ordinary backward of
     the keep term fills `.grad` while parameter hooks read this pass's keep gradient for the
     inner product; then lam * grad(forget) is added to `.grad` with the same loss scale and
-    accumulation factor that `accelerator.backward` applied to the keep term.
+    accumulation factor that `accelerator.backward` applied to the keep term. Under FSDP, grad(forget) comes
+    from a backward pass with the graph retained and the keep gradient is read from `.grad` (see the module
+    docstring); the inner product and ||grad(forget)||^2 are summed over every process's shard.
     """
 
     name = "bome"
@@ -281,31 +414,18 @@ class BOMECombiner:
 
         params = list(params)
         scale = backend.loss_scale
-        forget_grads = backend.mean_over_processes(_gradients(terms.forget, params, scale))
+        forget_grads = backend.averaged_gradients(terms.forget, params)
         forget_norm_sq = _dot(forget_grads, forget_grads)
         if not _check_finite_norm(forget_norm_sq, "forget", step, backend):
             backend.backward(terms.keep + terms.forget * float("nan"))  # the fp16 scaler skips this step
             return {"bome_weight": float("nan")}
 
-        # The hooks see this backward's keep gradient before it is accumulated into .grad
-        # (and before DDP averages it), already multiplied by loss scale / accumulation steps.
+        # The keep backward goes through accelerator.backward: its gradient arrives multiplied by this factor.
         factor = scale / backend.accumulation_steps
-        inner = [torch.zeros((), device=params[0].device)]
-
-        def make_hook(forget_grad):
-            def hook(grad):
-                inner[0] = inner[0] + (grad.float() * forget_grad.float()).sum()
-                return grad
-
-            return hook
-
-        handles = [p.register_hook(make_hook(g)) for p, g in zip(params, forget_grads) if p.requires_grad]
-        try:
-            backend.backward(terms.keep)
-        finally:
-            for handle in handles:
-                handle.remove()
-        keep_dot_forget = backend.mean_over_processes([inner[0] / factor])[0]
+        if is_sharded(params):
+            keep_dot_forget = _sharded_keep_backward(terms.keep, params, forget_grads, backend) / factor
+        else:
+            keep_dot_forget = _hooked_keep_backward(terms.keep, params, forget_grads, backend) / factor
 
         if float(forget_norm_sq) == 0.0:
             weight = 0.0
@@ -329,6 +449,7 @@ class BOMECombiner:
 
 
 def combined_gradient_norm(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
-    """The 2-norm of all `.grad`s (inf or NaN if any gradient is non-finite)."""
+    """The 2-norm of all `.grad`s (inf or NaN if any gradient is non-finite); under FSDP, of the whole gradient,
+    not of this process's shard."""
     grads = [p.grad for p in params if p.grad is not None]
     return _norm(grads)

@@ -2,7 +2,8 @@
 
 The step works with or without `accelerate`. Under accelerate it honours gradient
 accumulation (`accelerator.accumulate`), mixed precision (autocast and the fp16 loss
-scaler) and several processes (DDP; combiners average their extra gradients by hand).
+scaler) and several processes: DDP (combiners average their extra gradients by hand) and FSDP2
+(accelerate's `fsdp_version: 2`; norms, inner products and clipping over the whole sharded gradient).
 
 Safety: every loss term is checked before any backward pass, and the gradient norm before
 the optimizer steps. A non-finite value raises `NonFiniteError` naming the step and the
@@ -17,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
-from .gradients import NonFiniteError, combined_gradient_norm
+from .gradients import NonFiniteError, combined_gradient_norm, is_sharded
 from .objectives.base import DenoisingBatch, Denoiser, UnlearningObjective
 
 
@@ -59,6 +60,7 @@ class Unlearner:
     ):
         if max_grad_norm is not None and max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm}.")
+        check_fsdp_version(accelerator)
         self.objective = objective
         self.denoiser = denoiser
         self.optimizer = optimizer
@@ -129,14 +131,22 @@ class Unlearner:
         scaler = getattr(self.accelerator, "scaler", None)
         if self.max_grad_norm:
             if self.accelerator is not None:
+                # Under FSDP accelerate takes the norm of the whole sharded gradient (DTensor-aware).
                 norm = self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
+            elif is_sharded(self.parameters):  # fully_shard without accelerate
+                norm = combined_gradient_norm(self.parameters)
+                if torch.isfinite(norm) and float(norm) > self.max_grad_norm:
+                    with torch.no_grad():
+                        for p in self.parameters:
+                            if p.grad is not None:
+                                p.grad.mul_(self.max_grad_norm / (float(norm) + 1e-6))
             else:
                 norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
         else:
             if scaler is not None:
                 self.accelerator.unscale_gradients()
             norm = combined_gradient_norm(self.parameters)
-        norm = float(norm)
+        norm = float(norm.full_tensor() if is_sharded([norm]) else norm)
         # Under fp16 the loss scaler skips steps with overflowing gradients by design.
         if not torch.isfinite(torch.tensor(norm)) and scaler is None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -145,6 +155,21 @@ class Unlearner:
                 "No weights were changed. Lower the learning rate or the method's forget weight."
             )
         return norm
+
+
+def check_fsdp_version(accelerator) -> None:
+    """Raise a one-line error for an accelerate FSDP set-up the combiners cannot serve (FSDP1's flat parameters)."""
+    if accelerator is None:
+        return
+    from accelerate.utils import DistributedType
+
+    if getattr(accelerator, "distributed_type", None) != DistributedType.FSDP:
+        return
+    if not getattr(accelerator, "is_fsdp2", False):
+        raise ValueError(
+            "diffusers-unlearn supports FSDP version 2 only: set `fsdp_version: 2` under `fsdp_config` in your "
+            "accelerate config (see examples/accelerate_fsdp.yaml)."
+        )
 
 
 def cycle(batches: Iterable) -> Iterator:
@@ -230,21 +255,48 @@ class BatchPool:
 TRAINABLE_WEIGHTS_NAME = "trainable_weights.safetensors"
 
 
-def save_trainable_state(model: torch.nn.Module, directory: str, file_name: str = TRAINABLE_WEIGHTS_NAME) -> str:
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of `model` by name, as whole tensors.
+
+    Under FSDP2 (parameters are DTensor shards) every process must call this: the shards are gathered, and the
+    whole tensors land on the CPU of the main process only (the others get an empty dict).
+    """
+    params = dict(model.named_parameters())
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    if not is_sharded(list(params.values())):
+        return {name: p for name, p in params.items() if name in trainable}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {name: tensor for name, tensor in full.items() if name in trainable}
+
+
+def save_trainable_state(
+    model: torch.nn.Module,
+    directory: str,
+    file_name: str = TRAINABLE_WEIGHTS_NAME,
+    state: Optional[Mapping[str, torch.Tensor]] = None,
+) -> str:
     """Write the trainable parameters (the LoRA factors, or every weight when fully fine-tuning)
-    to one safetensors file, atomically. Used by checkpoints: the frozen base is not copied."""
+    to one safetensors file, atomically. Used by checkpoints: the frozen base is not copied.
+
+    `state` is `trainable_state_dict(model)` when already gathered (under FSDP every process gathers, then the
+    main process writes)."""
     import os
 
     from .fileio import atomic_write_bytes, safetensors_bytes
 
-    state = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if state is None:
+        state = trainable_state_dict(model)
     path = os.path.join(directory, file_name)
-    atomic_write_bytes(path, safetensors_bytes(state))
+    atomic_write_bytes(path, safetensors_bytes(dict(state)))
     return path
 
 
 def load_trainable_state(model: torch.nn.Module, directory: str, file_name: str = TRAINABLE_WEIGHTS_NAME) -> None:
-    """Copy the weights written by `save_trainable_state` back into `model` (names must match)."""
+    """Copy the weights written by `save_trainable_state` back into `model` (names must match).
+
+    Under FSDP2 every process must call this: each reads the whole tensors and keeps its own shards."""
     import os
 
     from safetensors.torch import load_file
@@ -261,6 +313,11 @@ def load_trainable_state(model: torch.nn.Module, directory: str, file_name: str 
             f"Checkpoint {directory} does not match the model (missing {missing[:3]}, unexpected {unknown[:3]}). "
             "Resume with the same --train_mode, --rank and --lora_targets."
         )
+    if is_sharded(list(params.values())):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
