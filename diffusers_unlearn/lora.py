@@ -546,6 +546,7 @@ def save_lora_weights(
     text_encoder: nn.Module | None = None,
     text_encoder_2: nn.Module | None = None,
     pipeline_class: type | None = None,
+    denoiser_prefix: str = UNET_PREFIX,
 ) -> str:
     """Save one adapter as a diffusers LoRA file and return the path written.
 
@@ -554,7 +555,9 @@ def save_lora_weights(
     `StableDiffusionPipeline.load_lora_weights` looks for it. `text_encoder_2` (SDXL's second encoder) goes
     under `text_encoder_2.`. `pipeline_class` is the diffusers pipeline (or LoRA loader mixin) whose
     `save_lora_weights` class method lays out the file: `StableDiffusionPipeline` by default,
-    `StableDiffusionXLPipeline` when `text_encoder_2` is given.
+    `StableDiffusionXLPipeline` when `text_encoder_2` is given. `denoiser_prefix` is the pipeline's name for
+    `model` and the prefix of its keys: "unet" (default) or "transformer" (with `pipeline_class`
+    `StableDiffusion3Pipeline` or `FluxPipeline`, whose loaders read `transformer.` keys).
 
     The file is what `StableDiffusionPipeline.save_lora_weights` writes, for both UNet types: `unet.`-prefixed
     keys and the adapter's `LoraConfig` (rank, alpha, targets) in the header, so loaders restore alpha even when
@@ -584,7 +587,7 @@ def save_lora_weights(
     adapter_metadata = _adapter_metadata(model, adapter_name)
     # diffusers stores each component's config with the component's prefix ("unet.r", "unet.lora_alpha", ...)
     # under one header key, and strips the prefix again when loading into that component.
-    combined = {f"{UNET_PREFIX}.{key}": value for key, value in adapter_metadata.items()}
+    combined = {f"{denoiser_prefix}.{key}": value for key, value in adapter_metadata.items()}
     # Keyword arguments of the loader's save_lora_weights, e.g. text_encoder_2_lora_layers=...
     text_encoder_kwargs = {}
     for prefix, encoder in ((TEXT_ENCODER_PREFIX, text_encoder), (f"{TEXT_ENCODER_PREFIX}_2", text_encoder_2)):
@@ -608,15 +611,17 @@ def save_lora_weights(
         _atomic_write_safetensors(state_dict, filename, header)
         written.append(filename)
 
-    # The pipeline's class method prefixes the keys with "unet." exactly as plain diffusers does. It needs no
-    # pipeline instance, and the file layout is the same for a DDPM UNet2DModel.
+    # The pipeline's class method prefixes the keys with "unet." (or "transformer.") exactly as plain diffusers
+    # does. It needs no pipeline instance, and the file layout is the same for a DDPM UNet2DModel.
     pipeline_class.save_lora_weights(
         save_directory=output_dir,
-        unet_lora_layers=lora_state_dict(model, adapter_name),
         weight_name=weight_name,
         save_function=atomic_save,
         safe_serialization=True,
-        unet_lora_adapter_metadata=adapter_metadata,
+        **{
+            f"{denoiser_prefix}_lora_layers": lora_state_dict(model, adapter_name),
+            f"{denoiser_prefix}_lora_adapter_metadata": adapter_metadata,
+        },
         **text_encoder_kwargs,
     )
     if not written:
@@ -644,10 +649,13 @@ def _resolve_lora_file(path_or_dir: str | os.PathLike, weight_name: str) -> tupl
     return directory, name
 
 
-def read_lora_metadata(path: str | os.PathLike, weight_name: str = DEFAULT_WEIGHT_NAME) -> dict[str, Any]:
+def read_lora_metadata(
+    path: str | os.PathLike, weight_name: str = DEFAULT_WEIGHT_NAME, denoiser_prefix: str = UNET_PREFIX
+) -> dict[str, Any]:
     """Read an adapter file's header: rank, alpha, target modules, and any extra entries saved with it.
 
-    `path` is the file or the directory holding `weight_name`. `rank` and `lora_alpha` are None when the file
+    `path` is the file or the directory holding `weight_name`; the rank, alpha and targets are those of the
+    denoiser, whose entries carry `denoiser_prefix` ("unet", or "transformer" for SD3 and Flux files). `rank` and `lora_alpha` are None when the file
     has no adapter config (for example one written without `unet_lora_adapter_metadata`; diffusers then assumes
     alpha = rank). Extra entries are returned as the strings stored.
 
@@ -663,7 +671,7 @@ def read_lora_metadata(path: str | os.PathLike, weight_name: str = DEFAULT_WEIGH
 
     config = json.loads(header.get(LORA_ADAPTER_METADATA_KEY) or "{}")
     # Pipeline files prefix each field with the component ("unet.r"); files from `save_lora_adapter` do not.
-    config = {key.removeprefix(f"{UNET_PREFIX}."): value for key, value in config.items()}
+    config = {key.removeprefix(f"{denoiser_prefix}."): value for key, value in config.items()}
     result: dict[str, Any] = {
         "rank": config.get("r"),
         "lora_alpha": config.get("lora_alpha"),

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -53,8 +55,8 @@ def test_family_detected_from_model_index_and_overridden(folders):
     assert families.family_for_folder(folders["sdxl"]).name == "sdxl"
     # The override wins over model_index.json (for a pipeline saved under another class name).
     assert families.family_for_folder(folders["sd"], override="sdxl").name == "sdxl"
-    with pytest.raises(UserInputError, match="Unknown model family 'flux'; choose one of sd, sdxl"):
-        families.family_for_folder(folders["sd"], override="flux")
+    with pytest.raises(UserInputError, match="Unknown model family 'kandinsky'; choose one of flux, sd, sd3, sdxl"):
+        families.family_for_folder(folders["sd"], override="kandinsky")
 
 
 def test_every_family_names_real_diffusers_pipelines():
@@ -67,16 +69,17 @@ def test_every_family_names_real_diffusers_pipelines():
             assert hasattr(diffusers, class_name), class_name
             assert families.family_for_pipeline_class(class_name) is family
         assert hasattr(family.plain_pipeline_class, "load_lora_weights")
-        assert family.lora_prefixes == ("unet", *family.text_encoder_names)
+        assert family.lora_prefixes == (family.denoiser_name, *family.lora_text_encoder_names)
+        assert set(family.lora_text_encoder_names) <= set(family.text_encoder_names)
 
 
 def test_unsupported_pipeline_class_is_one_line_naming_the_supported_ones(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(UserInputError) as error:
         families.family_for_folder(tmp_path)
     message = str(error.value)
     assert "\n" not in message
-    assert "'FluxPipeline'" in message
+    assert "'KandinskyPipeline'" in message
     assert "StableDiffusionPipeline, StableDiffusionXLPipeline" in message
 
     empty = tmp_path / "empty"
@@ -404,8 +407,6 @@ def assert_outputs(actual, expected, equal: bool):
 
 @pytest.mark.parametrize("family_name", ["sd", "sdxl"])
 def test_saved_adapter_loads_into_the_plain_pipeline(folders, tmp_path, family_name):
-    from safetensors import safe_open
-
     family = families.get_family(family_name)
     folder = folders[family_name]
     trained = family.load(folder)
@@ -424,13 +425,25 @@ def test_saved_adapter_loads_into_the_plain_pipeline(folders, tmp_path, family_n
     assert_outputs(adapted, base, equal=False)
     path = family.save_adapter(tmp_path / "adapter", trained["unet"], text_encoders, metadata={"method": "test"})
 
+    measure = functools.partial(outputs, family, ids=ids, cond=cond, x_t=x_t)  # outputs of given components
+    check_adapter_in_plain_pipeline(family, folder, path, trained, measure, adapted)
+
+
+def check_adapter_in_plain_pipeline(family, folder, path, trained, measure, adapted) -> None:
+    """The adapter file at `path` (saved from `trained`'s components: the denoiser with rank 2, alpha 4, the text
+    encoders with rank 2, alpha 3) loads into the family's plain pipeline from `folder` with plain diffusers, with
+    no key missing or unexpected and equal tensors; the loaded pipeline's outputs (`measure(components)`) equal
+    `adapted`; `set_adapters(adapter_weights=[0.5])` halves every scaling and `fuse_lora` merges at that weight."""
+    from safetensors import safe_open
+
+    denoiser = family.denoiser_name
     with safe_open(path, framework="pt") as handle:
         file_keys = list(handle.keys())
     assert {key.split(".")[0] for key in file_keys} == set(family.lora_prefixes)
 
     plain = family.plain_pipeline_class.from_pretrained(folder)
     with diffusers_warnings() as warnings:
-        plain.load_lora_weights(str(tmp_path / "adapter"), adapter_name="unlearned")  # plain diffusers only
+        plain.load_lora_weights(os.path.dirname(path), adapter_name="unlearned")  # plain diffusers only
     assert not [m for m in warnings if "unexpected" in m.lower() or "missing" in m.lower()], warnings
     components = plain.components
     for prefix in family.lora_prefixes:
@@ -443,8 +456,8 @@ def test_saved_adapter_loads_into_the_plain_pipeline(folders, tmp_path, family_n
         for key in loaded:
             assert torch.equal(loaded[key], saved[key]), key
         config = components[prefix].peft_config["unlearned"]
-        assert (config.r, config.lora_alpha) == ((2, 4) if prefix == "unet" else (2, 3))
-    assert_outputs(outputs(family, components, ids, cond, x_t), adapted, equal=True)
+        assert (config.r, config.lora_alpha) == ((2, 4) if prefix == denoiser else (2, 3))
+    assert_outputs(measure(components), adapted, equal=True)
 
     plain.set_adapters(["unlearned"], adapter_weights=[0.5])
     for prefix in family.lora_prefixes:
@@ -453,15 +466,17 @@ def test_saved_adapter_loads_into_the_plain_pipeline(folders, tmp_path, family_n
             for layer in components[prefix].modules()
             if "unlearned" in getattr(layer, "scaling", {})
         }
-        assert scalings == {0.5 * (2.0 if prefix == "unet" else 1.5)}, prefix
-    half = outputs(family, components, ids, cond, x_t)
+        assert scalings == {0.5 * (2.0 if prefix == denoiser else 1.5)}, prefix
+    half = measure(components)
     assert_outputs(half, adapted, equal=False)
 
-    plain.fuse_lora()  # merges at the set weight, into every component with LoRA
+    # Merges at the set weight, into every component with LoRA (named: FluxPipeline fuses only its transformer
+    # by default).
+    plain.fuse_lora(components=list(family.lora_prefixes))
     plain.unload_lora_weights()
-    fused = outputs(family, plain.components, ids, cond, x_t)
+    fused = measure(plain.components)
     assert_outputs(fused, half, equal=True)
-    assert not any(hasattr(m, "lora_A") for m in plain.components["unet"].modules())
+    assert not any(hasattr(m, "lora_A") for m in plain.components[denoiser].modules())
 
 
 def test_save_adapter_refuses_a_text_encoder_the_family_lacks(folders, tmp_path):

@@ -199,3 +199,128 @@ def save_tiny_sdxl_pipeline(folder, seed: int = 0, prediction_type: str = "epsil
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def tiny_t5_tokenizer(directory, model_max_length: int = 512):
+    """A T5TokenizerFast over `TINY_WORDS`, written to `directory`: a unigram vocabulary built in memory (no
+    sentencepiece model, nothing downloaded), T5's special tokens (<pad> = 0, </s> = 1, <unk> = 2) and its
+    "</s>" appended to every sequence."""
+    import os
+
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(f"\u2581{word}", -1.0) for word in TINY_WORDS]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save_pretrained(str(directory))
+    return T5TokenizerFast.from_pretrained(str(directory)), len(pieces)
+
+
+def tiny_t5_encoder(vocab_size: int, width: int, seed: int = 0):
+    """A two-layer T5EncoderModel of width `width` (T5 v1.1's gated-GELU feed-forward, as SD3's and Flux's T5)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        )
+    )
+
+
+def _tiny_clip_config(vocab_size: int, layers: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=layers, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, hidden_act="gelu", **extra,
+    )
+
+
+def save_tiny_sd3_pipeline(folder, with_t5: bool = True, seed: int = 0) -> str:
+    """A tiny random StableDiffusion3Pipeline saved to `folder`: 16x16 RGB images, a VAE with SD3's latent shift
+    and scale (8x8x4 latents), an SD3.5-medium-style transformer (patch 2, joint attention blocks, RMS q/k norm,
+    one dual-attention layer) at width 32, two CLIPTextModelWithProjection encoders (two and three layers,
+    projection 32 each: pooled 64; the second tokenizer pads with "!") and, with `with_t5`, a T5 encoder of width
+    80 (the joint attention width: the 32 + 32 CLIP features are zero-padded to it). Without T5, the pipeline is
+    saved with `text_encoder_3=None` and `tokenizer_3=None`. The scheduler is SD3's FlowMatchEulerDiscreteScheduler
+    (shift 3)."""
+    import os
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    folder = str(folder)
+    joint_width = 80
+    tokenizer, vocab = tiny_tokenizer(os.path.join(folder, "_vocab"))
+    tokenizer_2, vocab_2 = tiny_tokenizer(os.path.join(folder, "_vocab_2"), pad_token="!")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_tiny_clip_config(len(vocab), 2, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(len(vocab_2), 3, projection_dim=32))
+    tokenizer_3 = text_encoder_3 = None
+    if with_t5:
+        tokenizer_3, t5_vocab = tiny_t5_tokenizer(os.path.join(folder, "_vocab_3"))
+        text_encoder_3 = tiny_t5_encoder(t5_vocab, joint_width, seed)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=joint_width, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_flux_pipeline(folder, guidance_embeds: bool = True, seed: int = 0) -> str:
+    """A tiny random FluxPipeline saved to `folder`: 16x16 RGB images, a VAE with Flux's latent shift and scale
+    (8x8x4 latents, packed into 16 tokens of 2x2x4 = 16 features), a Flux transformer with one double-stream and
+    one single-stream block (width 32, rotary axes 4 + 4 + 8 = head width 16), a two-layer CLIPTextModel (pooled
+    width 32), a T5 encoder of width 48 and Flux.1-dev's dynamically shifted FlowMatchEulerDiscreteScheduler.
+    `guidance_embeds=True` builds a guidance-distilled transformer (Flux.1-dev), False one without (schnell)."""
+    import os
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    folder = str(folder)
+    t5_width = 48
+    tokenizer, vocab = tiny_tokenizer(os.path.join(folder, "_vocab"))
+    tokenizer_2, t5_vocab = tiny_t5_tokenizer(os.path.join(folder, "_vocab_2"))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_tiny_clip_config(len(vocab), 2))
+    text_encoder_2 = tiny_t5_encoder(t5_vocab, t5_width, seed)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=t5_width, pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder

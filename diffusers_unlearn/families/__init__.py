@@ -7,7 +7,7 @@ one line in `FAMILIES` and one tiny-config test.
 Example:
     >>> from diffusers_unlearn.families import available_families, get_family
     >>> available_families()
-    ['sd', 'sdxl']
+    ['flux', 'sd', 'sd3', 'sdxl']
     >>> get_family("sdxl").pipeline_class_names
     ('StableDiffusionXLPipeline',)
     >>> family = family_for_folder("path/to/pipeline")  # doctest: +SKIP
@@ -21,11 +21,15 @@ from typing import Optional
 
 from ..errors import UserInputError
 from .base import Components, ModelFamily, normalize_latents
+from .flow import FlowMatchingFamily
+from .flux import FluxFamily
 from .sd import StableDiffusionFamily
+from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.name: family for family in (StableDiffusionFamily(), StableDiffusionXLFamily())
+    family.name: family
+    for family in (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family(), FluxFamily())
 }
 
 
@@ -96,7 +100,10 @@ def family_for_folder(
 __all__ = [
     "Components",
     "FAMILIES",
+    "FlowMatchingFamily",
+    "FluxFamily",
     "ModelFamily",
+    "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "available_families",

@@ -44,7 +44,13 @@ class ModelFamily:
         pipeline_class_names: the `_class_name`s in `model_index.json` this family serves.
         plain_pipeline_class_name: the diffusers pipeline whose `load_lora_weights` accepts the family's adapters.
         text_encoders: (tokenizer name, text encoder name, transformers class name) per text encoder, in order.
-        lora_prefixes: the key prefixes of the family's LoRA files ("unet", "text_encoder", ...).
+        tokenizer_class_names: the transformers tokenizer class of a tokenizer, by name, where it is not
+            `CLIPTokenizer` (T5's `T5TokenizerFast`).
+        optional_text_encoders: text encoders a pipeline may lack (`null` in `model_index.json`, no subfolder),
+            as SD3's T5; `load` then gives None for them and their tokenizers.
+        denoiser_name: the denoiser's component name, "unet" or "transformer" (also its LoRA key prefix).
+        denoiser_class_name: the diffusers class `load` builds the denoiser with.
+        lora_prefixes: the key prefixes of the family's LoRA files (the denoiser's, "text_encoder", ...).
         lora_target_presets: LoRA target presets for the denoiser, by name.
     """
 
@@ -52,6 +58,10 @@ class ModelFamily:
     pipeline_class_names: tuple[str, ...] = ()
     plain_pipeline_class_name: str = ""
     text_encoders: tuple[tuple[str, str, str], ...] = ()
+    tokenizer_class_names: Mapping[str, str] = {}
+    optional_text_encoders: tuple[str, ...] = ()
+    denoiser_name: str = "unet"
+    denoiser_class_name: str = "UNet2DConditionModel"
     lora_prefixes: tuple[str, ...] = ()
     lora_target_presets: Mapping[str, tuple[str, ...]] = LORA_TARGET_PRESETS
 
@@ -68,11 +78,18 @@ class ModelFamily:
         return tuple(encoder for _, encoder, _ in self.text_encoders)
 
     @property
+    def lora_text_encoder_names(self) -> tuple[str, ...]:
+        """The text encoders whose LoRA the family's adapter files hold (`save_adapter` accepts these)."""
+        return tuple(prefix for prefix in self.lora_prefixes if prefix != self.denoiser_name)
+
+    @property
     def component_names(self) -> tuple[str, ...]:
-        """The components `load` returns, which a pipeline folder of the family must hold as subfolders."""
-        names = ["unet", "vae", "scheduler"]
+        """The components `load` returns, which a pipeline folder of the family must hold as subfolders (optional
+        text encoders and their tokenizers left out)."""
+        names = [self.denoiser_name, "vae", "scheduler"]
         for tokenizer_name, encoder_name, _ in self.text_encoders:
-            names += [tokenizer_name, encoder_name]
+            if encoder_name not in self.optional_text_encoders:
+                names += [tokenizer_name, encoder_name]
         return tuple(names)
 
     def pipeline_options(self, model_index: Mapping[str, Any]) -> dict[str, Any]:
@@ -90,6 +107,10 @@ class ModelFamily:
             >>> pipe = family.sampling_pipeline(components, DDIMScheduler.from_config(config))  # doctest: +SKIP
         """
         parts = {name: components[name] for name in self.component_names if name != "scheduler"}
+        for tokenizer_name, encoder_name, _ in self.text_encoders:
+            if encoder_name in self.optional_text_encoders:
+                parts[tokenizer_name] = components.get(tokenizer_name)
+                parts[encoder_name] = components.get(encoder_name)
         pipe = self.plain_pipeline_class(**parts, scheduler=scheduler, **self.pipeline_options(model_index or {}))
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -122,7 +143,7 @@ class ModelFamily:
         """
         import diffusers
         import transformers
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL
 
         path = os.fspath(path)
         where = {"revision": revision, "cache_dir": cache_dir}
@@ -133,18 +154,22 @@ class ModelFamily:
         scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), diffusers.DDPMScheduler)
         components["scheduler"] = scheduler_class.from_config(scheduler_config)
 
+        absent = self._absent_text_encoders(path, where)
         for tokenizer_name, encoder_name, encoder_class in self.text_encoders:
-            components[tokenizer_name] = transformers.CLIPTokenizer.from_pretrained(
-                path, subfolder=tokenizer_name, **where
-            )
+            if encoder_name in absent:
+                components[tokenizer_name] = components[encoder_name] = None
+                continue
+            tokenizer_class = getattr(transformers, self.tokenizer_class_names.get(tokenizer_name, "CLIPTokenizer"))
+            components[tokenizer_name] = tokenizer_class.from_pretrained(path, subfolder=tokenizer_name, **where)
             # `dtype`, transformers 5's name for diffusers' `torch_dtype`.
             encoder = getattr(transformers, encoder_class).from_pretrained(
                 path, subfolder=encoder_name, dtype=dtype, **weights
             )
             components[encoder_name] = encoder.requires_grad_(False)
 
-        components["unet"] = UNet2DConditionModel.from_pretrained(
-            path, subfolder="unet", torch_dtype=denoiser_dtype or dtype, **weights
+        denoiser_class = getattr(diffusers, self.denoiser_class_name)
+        components[self.denoiser_name] = denoiser_class.from_pretrained(
+            path, subfolder=self.denoiser_name, torch_dtype=denoiser_dtype or dtype, **weights
         ).requires_grad_(False)
 
         if vae_path is None:
@@ -158,6 +183,15 @@ class ModelFamily:
             vae_source, subfolder=vae_subfolder, torch_dtype=vae_dtype, **weights
         ).requires_grad_(False)
         return components
+
+    def _absent_text_encoders(self, path: str, where: Mapping[str, Any]) -> set[str]:
+        """The optional text encoders the pipeline at `path` lacks (`null` or missing in its model_index.json)."""
+        if not self.optional_text_encoders:
+            return set()
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(path, **where)
+        return {name for name in self.optional_text_encoders if not (index.get(name) or [None])[0]}
 
     # -- conditioning ----------------------------------------------------------------------------------------
 
@@ -268,14 +302,17 @@ class ModelFamily:
     def denoiser(
         self, components: Components, loss_space: str = "native", prediction_type: Optional[str] = None
     ) -> Denoiser:
-        """A `Denoiser` over the components' UNet that calls it the family's way.
+        """A `Denoiser` over the components' denoiser (UNet or transformer) that calls it the family's way.
 
         Example:
             >>> denoiser = get_family("sdxl").denoiser(components)  # doctest: +SKIP
             >>> terms = get_objective("naive_deletion")(denoiser, None, keep_batch)  # doctest: +SKIP
         """
         return Denoiser(
-            components["unet"], self.schedule(components, prediction_type), loss_space=loss_space, call=self.call
+            components[self.denoiser_name],
+            self.schedule(components, prediction_type),
+            loss_space=loss_space,
+            call=self.call,
         )
 
     # -- LoRA ------------------------------------------------------------------------------------------------
@@ -304,18 +341,20 @@ class ModelFamily:
         metadata: Optional[Mapping[str, Any]] = None,
         weight_name: str = DEFAULT_WEIGHT_NAME,
     ) -> str:
-        """Write the adapter of `unet` (and of any trained text encoders, by component name) as one LoRA file
-        that `plain_pipeline_class.load_lora_weights(out_dir)` loads; return its path. The write is atomic.
+        """Write the adapter of `unet` (the family's denoiser: a UNet or a transformer) and of any trained text
+        encoders, by component name, as one LoRA file that `plain_pipeline_class.load_lora_weights(out_dir)`
+        loads; return its path. The denoiser's keys carry its component name ("unet." or "transformer.").
+        The write is atomic.
 
         Example:
             >>> family.save_adapter("out", unet, {"text_encoder": te, "text_encoder_2": te2})  # doctest: +SKIP
         """
         text_encoders = dict(text_encoders or {})
-        unknown = sorted(set(text_encoders) - set(self.text_encoder_names))
+        unknown = sorted(set(text_encoders) - set(self.lora_text_encoder_names))
         if unknown:
             raise ValueError(
-                f"The {self.name} family has no text encoder(s) {unknown}; its text encoders are "
-                f"{list(self.text_encoder_names)}."
+                f"The {self.name} family has no text encoder(s) {unknown} in its adapters; they hold "
+                f"{list(self.lora_text_encoder_names)}."
             )
         return save_lora_weights(
             unet,
@@ -324,6 +363,7 @@ class ModelFamily:
             metadata=metadata,
             weight_name=weight_name,
             pipeline_class=self.plain_pipeline_class,
+            denoiser_prefix=self.denoiser_name,
             **text_encoders,
         )
 
