@@ -9,6 +9,9 @@ SISS and LoRA, and prints a before/after summary:
     accelerate launch train_unlearn_ddpm.py --pretrained_model_name_or_path my-ddpm \\
         --forget_data_dir forget/ --keep_data_dir keep/ --method siss --train_mode lora
 
+Several GPUs: `accelerate launch --config_file examples/accelerate_ddp.yaml ...`; a full fine-tune too large for
+one GPU: `--config_file examples/accelerate_fsdp.yaml --train_mode full` (FSDP2; docs/multi_gpu.md).
+
 Order: parse_args -> Accelerator -> models -> LoRA/full -> optimizer -> data -> hooks ->
 evaluation before -> loop -> save, evaluation after, report, card, upload.
 """
@@ -16,12 +19,14 @@ evaluation before -> loop -> save, evaluation after, report, card, upload.
 import argparse
 import os
 import time
+from typing import Optional
 
 # Before diffusers and transformers: importing the package filters the two known-harmless messages those
 # libraries print while being imported (diffusers_unlearn/third_party_logs.py), and nothing else.
 import diffusers_unlearn  # noqa: F401  isort: skip
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -66,7 +71,7 @@ from diffusers_unlearn.training import (
     script_fingerprint,
 )
 from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
-from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
+from diffusers_unlearn.unlearner import BatchPool, Unlearner, check_distributed_setup, step_generator, trainable_state_dict
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -237,6 +242,7 @@ def main(args):
     started = time.time()
     check_inputs(args)
     accelerator = make_accelerator(args)
+    fsdp = check_sharding_arguments(accelerator, args)
     repo_id = args.hub_model_id
     if args.push_to_hub and accelerator.is_main_process:  # a bad token or repo id fails now, not after training
         repo_id = create_hub_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token)
@@ -393,19 +399,24 @@ def main(args):
     def run_validation(step):
         return validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier if class_unlearning else None)
 
+    if fsdp:  # a sharded model samples only with every process taking part; validation runs on the main one
+        logger.info("FSDP: no validation during training (the full evaluation before and after still runs).")
+
     validation_history = run_unlearning_loop(
         accelerator, unlearner, forget_pool, keep_pool,
         output_dir=args.output_dir, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
         seed=args.seed, start_step=start_step, gradient_accumulation_steps=args.gradient_accumulation_steps,
         checkpointer=checkpointer, checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit, validation_history=validation_history,
-        validation_steps=args.validation_steps, validate=run_validation, after_optimizer_step=update_ema,
+        validation_steps=args.validation_steps, validate=None if fsdp else run_validation, after_optimizer_step=update_ema,
     )
+    # Under FSDP every process takes part in gathering the shards; the main process gets one ordinary UNet.
+    trained = gathered_unet(accelerator, unet, args) if fsdp else None
 
     # Save, evaluate after, report, card, upload (main process only). The final outputs are written into a
     # staging folder and swapped into --output_dir together, so it never mixes two runs' files.
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
+        model = trained if fsdp else accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(trainable_parameters(model))
         after = evaluate(model)
@@ -484,6 +495,35 @@ def validate(accelerator, args, unet, ema, sample, forget, threshold, step, clas
             tracker.writer.add_image("validation", grid_array(make_grid(images, scale=4)), step, dataformats="HWC")
     logger.info(f"step {step}: {logs}")
     return {"step": step, **{key.split("/", 1)[1]: value for key, value in logs.items()}}
+
+
+def check_sharding_arguments(accelerator, args) -> bool:
+    """True when the launch uses FSDP; refuses, in one line naming the fix, what FSDP here does not support."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    check_distributed_setup(accelerator)
+    if args.train_mode != "full":
+        raise UserInputError(
+            "FSDP is for --train_mode full (LoRA training fits one GPU per process): launch LoRA runs with a DDP "
+            "config such as examples/accelerate_ddp.yaml, or pass --train_mode full."
+        )
+    if args.use_ema:
+        raise UserInputError("--use_ema is not supported under FSDP: leave it out, or launch with DDP.")
+    return True
+
+
+def gathered_unet(accelerator, unet, args) -> Optional[UNet2DModel]:
+    """The FSDP-trained UNet as one ordinary module on the main process (None on the others).
+
+    Every process must call this: the shards are gathered (on the CPU) and loaded into a fresh copy of the base
+    UNet, which has every weight, so the evaluation and the saved pipeline see whole, unsharded weights."""
+    state = trainable_state_dict(accelerator.unwrap_model(unet))
+    if not accelerator.is_main_process:
+        return None
+    model = UNet2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision,
+                                        variant=args.variant, cache_dir=args.cache_dir)
+    model.load_state_dict(state)  # strict: a full fine-tune trains (and so gathers) every weight
+    return model.to(accelerator.device)
 
 
 def save_full_pipeline(model, scheduler, staged, is_conditional):

@@ -60,7 +60,6 @@ class Unlearner:
     ):
         if max_grad_norm is not None and max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm}.")
-        check_fsdp_version(accelerator)
         self.objective = objective
         self.denoiser = denoiser
         self.optimizer = optimizer
@@ -68,6 +67,7 @@ class Unlearner:
         self.lr_scheduler = lr_scheduler
         self.max_grad_norm = max_grad_norm
         self.combiner = objective.make_combiner()
+        check_distributed_setup(accelerator, self.combiner)
         self.optimizer_steps = 0
         # A list, not a generator: clipping must see every parameter (a consumed `filter`
         # iterator would silently clip nothing).
@@ -146,6 +146,8 @@ class Unlearner:
             if scaler is not None:
                 self.accelerator.unscale_gradients()
             norm = combined_gradient_norm(self.parameters)
+        if norm is None:  # accelerate under DeepSpeed, before the engine has measured a norm: nothing to check here
+            return float("nan")
         norm = float(norm.full_tensor() if is_sharded([norm]) else norm)
         # Under fp16 the loss scaler skips steps with overflowing gradients by design.
         if not torch.isfinite(torch.tensor(norm)) and scaler is None:
@@ -157,19 +159,36 @@ class Unlearner:
         return norm
 
 
-def check_fsdp_version(accelerator) -> None:
-    """Raise a one-line error for an accelerate FSDP set-up the combiners cannot serve (FSDP1's flat parameters)."""
+def check_distributed_setup(accelerator, combiner=None) -> None:
+    """Raise a one-line error, naming the fix, for a distributed set-up the combiners cannot serve.
+
+    FSDP version 1 (flat parameters) is refused; FSDP2 is supported. DeepSpeed is not tested here (not installable
+    on the test machine); by construction ZeRO-3 cannot work (its partitioned parameters give `torch.autograd.grad`
+    nothing to measure), and neither can `BOMECombiner` (it adds to `.grad` after the backward pass, in which
+    accelerate's DeepSpeed engine has already reduced the gradients and stepped).
+    """
     if accelerator is None:
         return
     from accelerate.utils import DistributedType
 
-    if getattr(accelerator, "distributed_type", None) != DistributedType.FSDP:
-        return
-    if not getattr(accelerator, "is_fsdp2", False):
+    kind = getattr(accelerator, "distributed_type", None)
+    if kind == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
         raise ValueError(
             "diffusers-unlearn supports FSDP version 2 only: set `fsdp_version: 2` under `fsdp_config` in your "
             "accelerate config (see examples/accelerate_fsdp.yaml)."
         )
+    if kind == DistributedType.DEEPSPEED:
+        plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+        if getattr(plugin, "zero_stage", None) == 3:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 partitions the parameters, so the unlearning combiners cannot measure gradients: "
+                "shard a full fine-tune with FSDP2 instead (examples/accelerate_fsdp.yaml)."
+            )
+        if getattr(combiner, "name", None) == "bome":
+            raise ValueError(
+                "EraseDiff's BOME combiner cannot run under DeepSpeed (the engine steps inside backward): launch with "
+                "FSDP2 (examples/accelerate_fsdp.yaml) or DDP (examples/accelerate_ddp.yaml)."
+            )
 
 
 def cycle(batches: Iterable) -> Iterator:

@@ -7,6 +7,7 @@ there on accelerate's own FSDP2 code runs (`fully_shard`, backward, `clip_grad_n
 """
 
 import json
+import os
 import sys
 import tempfile
 
@@ -29,14 +30,21 @@ MAX_GRAD_NORM = 0.05  # small enough that clipping acts, so the clipping norm mu
 
 def fsdp_accelerator() -> Accelerator:
     """A CPU Accelerator whose state says FSDP version 2, sharding each ResnetBlock2D and Attention block."""
-    accelerator = Accelerator(cpu=True)
+    return switch_to_fsdp2(Accelerator(cpu=True))
+
+
+def switch_to_fsdp2(accelerator: Accelerator) -> Accelerator:
+    """Switch a CPU Accelerator of several processes (gloo) to FSDP version 2 before anything is prepared."""
     # Both shared states: each new AcceleratorState() copies PartialState's distributed_type over its own.
     PartialState().distributed_type = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["ResnetBlock2D", "Attention"],
-    )
+    if os.environ.get("FSDP_VERSION"):  # set from an accelerate config file, as `accelerate launch` sets them
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    else:
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["ResnetBlock2D", "Attention"],
+        )
     return accelerator
 
 
@@ -65,10 +73,10 @@ def recording_norm(tensors):
 
 
 ORIGINAL_NORM = gradients._norm
-gradients._norm = recording_norm
 
 
 def main(result_path):
+    gradients._norm = recording_norm
     accelerator = fsdp_accelerator()
     _, forget, keep = batches("unconditional", batch_size=4)
     rank, world = accelerator.process_index, accelerator.num_processes
