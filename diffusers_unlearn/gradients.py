@@ -133,6 +133,14 @@ def _sharded_gradients(
         p.grad = None
     try:
         (loss * scale if scale != 1.0 else loss).backward(retain_graph=True)
+        dtensor = _dtensor_class()
+        if any(p.grad is None and p.requires_grad and not isinstance(p, dtensor) for p in params):
+            # Between forward and backward FSDP2 registers unsharded copies of some parameters (the root module's);
+            # their gradients go to the sharded originals, so these would silently count as zero.
+            raise ValueError(
+                "Under FSDP, pass the sharded parameters (the optimizer's, or model.parameters() collected before the "
+                "forward pass): a parameter given here is an unsharded copy that receives no gradient."
+            )
         return [
             torch.zeros_like(p) if p.grad is None else (p.grad / scale if scale != 1.0 else p.grad) for p in params
         ]

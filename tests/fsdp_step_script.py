@@ -108,6 +108,16 @@ def main(result_path):
                 {k: (s[k], d[k]) for k in keys if k in s} for s, d in zip(single_logs, sharded_logs)
             ]
 
+    # Parameters collected after the forward pass include FSDP's unsharded copies of the root's: refused, not zero.
+    denoiser = make(accelerator, SumCombiner())[0]
+    terms = Deterministic(SumCombiner())(denoiser, *mine)
+    try:
+        FixedNormCombiner(scaling_norm=0.3).backward(terms, list(denoiser.model.parameters()), accelerator)
+        report["unsharded_copies"] = None
+    except ValueError as error:
+        report["unsharded_copies"] = str(error)
+        accelerator.backward(terms.keep + terms.forget)  # FSDP expects each forward's backward
+
     # The norms FixedNormCombiner took: whole ones, where each process's shard alone has another norm.
     report["shard_norms"] = accelerator.gather(torch.tensor([SHARD_NORMS[0][0]])).tolist()
     report["whole_norm"] = SHARD_NORMS[0][1]

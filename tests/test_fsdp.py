@@ -46,6 +46,7 @@ def test_norms_are_taken_over_the_whole_sharded_gradient(fsdp_report):
     assert abs(shard_a - shard_b) > 1e-2 and max(shard_a, shard_b) < 0.9 * whole
     assert whole == pytest.approx((shard_a**2 + shard_b**2) ** 0.5, rel=1e-5)
     assert whole == pytest.approx(fsdp_report["logs"]["fixed_norm"][0]["forget_grad_norm"][0], rel=1e-5)
+    assert "pass the sharded parameters" in fsdp_report["unsharded_copies"]  # never silently zero
     # Clipping acted (grad norms above MAX_GRAD_NORM) with the whole-model norm: checked by the equal weights.
     assert all(step["grad_norm"][1] > 0.05 for step in fsdp_report["logs"]["sum"])
 
