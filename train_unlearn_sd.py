@@ -31,7 +31,7 @@ import time
 import diffusers_unlearn  # noqa: F401  isort: skip
 import torch
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Remove memorized images from a Stable Diffusion model.")
     # Model and data (train_text_to_image_lora.py order).
     parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Hub id or local folder. Default: the bundled tiny text-to-image toy.")
-    parser.add_argument("--model_family", type=str, default=None, choices=available_families(), help="Default: from model_index.json's _class_name (StableDiffusionPipeline: sd, StableDiffusionXLPipeline: sdxl).")
+    parser.add_argument("--model_family", type=str, default=None, choices=available_families(), help="Default: from model_index.json's _class_name (StableDiffusionPipeline: sd, StableDiffusionXLPipeline: sdxl, StableDiffusion3Pipeline: sd3, FluxPipeline: flux).")
     parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None, help="A VAE folder or Hub id to use instead of the model's own (SDXL: an fp16-fixed VAE such as madebyollin/sdxl-vae-fp16-fix).")
     parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--variant", type=str, default=None)
@@ -140,7 +140,14 @@ def parse_args(argv=None):
     # Evaluation.
     parser.add_argument("--num_eval_images", type=int, default=64, help="Generations per forget prompt for the memorization rate, before and after (same seeds).")
     parser.add_argument("--num_inference_steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Sampling guidance of every evaluation. Default: the pipeline's (7.5 SD/SDXL, 7.0 SD3, 3.5 Flux). For a guidance-distilled Flux model also the guidance value it trains with, as in train_dreambooth_lora_flux.py.")
+    # train_dreambooth_lora_sd3.py / _flux.py: the flow-matching families only.
+    parser.add_argument("--max_sequence_length", type=int, default=None, help="T5 prompt length (SD3, Flux). Default: the official scripts' (77 SD3, 512 Flux).")
+    parser.add_argument("--weighting_scheme", type=str, default=None, choices=["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"], help="How sigma is drawn and the loss weighted (SD3, Flux). Default: none.")
+    parser.add_argument("--logit_mean", type=float, default=None, help="logit_normal weighting scheme (SD3, Flux). Default: 0.0.")
+    parser.add_argument("--logit_std", type=float, default=None, help="logit_normal weighting scheme (SD3, Flux). Default: 1.0.")
+    parser.add_argument("--mode_scale", type=float, default=None, help="mode weighting scheme (SD3, Flux). Default: 1.29.")
+    parser.add_argument("--precondition_outputs", type=int, default=None, choices=[0, 1], help="SD3: regress x0 = x_sigma - sigma * v onto the clean latents, as train_dreambooth_lora_sd3.py's flag. Default: 0.")
     parser.add_argument("--eval_batch_size", type=int, default=64)
     parser.add_argument("--memorization_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation copies a forget image. Default: the toy's threshold, else an RMS pixel difference of 0.1.")
     parser.add_argument("--near_duplicate_distance", type=float, default=None, help="Pixel L2 ([0,1] units, at the training resolution) below which a keep image counts as a copy of a forget image (the same picture in another encoding, such as JPEG) and is removed from the keep set with a notice; 0 removes exact copies only. Default: an RMS pixel difference of 0.04, i.e. 0.04 * sqrt(3 * resolution^2).")
@@ -201,6 +208,21 @@ def parse_args(argv=None):
         check_model_folder(parser, args.pretrained_model_name_or_path, family_for_folder(args.pretrained_model_name_or_path, args.model_family))
     check_resume_argument(args)
     return args
+
+
+FAMILY_OPTION_FLAGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
+
+
+def family_options(args, family):
+    """The family's training options from the flags given (the flow-matching families': T5 length, how sigma is
+    drawn and weighted, SD3's preconditioning, Flux's training guidance); a family without such an option refuses
+    the flag by name."""
+    options = {name: getattr(args, name) for name in FAMILY_OPTION_FLAGS if getattr(args, name) is not None}
+    if "precondition_outputs" in options:
+        options["precondition_outputs"] = bool(options["precondition_outputs"])
+    if "guidance_scale" in family.option_defaults and args.guidance_scale is not None:
+        options["guidance_scale"] = args.guidance_scale
+    return options
 
 
 def model_kinds(args):
@@ -349,31 +371,33 @@ def main(args):
     # weights. A VAE that overflows in float16 (config force_upcast) stays in float32.
     path, revision = args.pretrained_model_name_or_path, args.revision
     family = family_for_folder(path, args.model_family, revision=revision, cache_dir=args.cache_dir)
+    family = family.with_options(**family_options(args, family))
+    if args.snr_gamma is not None and "weighting_scheme" in family.option_defaults:
+        raise UserInputError(f"--snr_gamma weights DDPM losses; the {family.name} family is a flow-matching model: use --weighting_scheme (none, sigma_sqrt, logit_normal, mode, cosmap) as the official SD3/Flux scripts do.")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     vae_source = args.pretrained_vae_model_name_or_path or path
     vae_config = AutoencoderKL.load_config(vae_source, subfolder=None if args.pretrained_vae_model_name_or_path else "vae", revision=revision, cache_dir=args.cache_dir)
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=revision, cache_dir=args.cache_dir)
-    resolution = args.resolution or unet_config["sample_size"] * vae_scale_factor
-    if resolution % vae_scale_factor != 0:
-        raise UserInputError(f"--resolution {resolution} is not divisible by the VAE's scale factor {vae_scale_factor}; use a multiple of {vae_scale_factor} (for example {resolution // vae_scale_factor * vae_scale_factor or vae_scale_factor}).")
+    if args.resolution is not None and args.resolution % vae_scale_factor != 0:
+        raise UserInputError(f"--resolution {args.resolution} is not divisible by the VAE's scale factor {vae_scale_factor}; use a multiple of {vae_scale_factor} (for example {args.resolution // vae_scale_factor * vae_scale_factor or vae_scale_factor}).")
     components = family.load(
         path, weight_dtype, revision=revision, variant=args.variant, vae_path=args.pretrained_vae_model_name_or_path,
         cache_dir=args.cache_dir, denoiser_dtype=weight_dtype if args.train_mode == "lora" else torch.float32,
     )
-    unet, vae = components["unet"], components["vae"]
+    resolution = args.resolution or family.native_resolution(components)[0]
+    if args.guidance_scale is None:
+        args.guidance_scale = family.default_guidance_scale
+    # The denoiser: a UNet (SD, SDXL) or a transformer (SD3, Flux); `unet` below names either.
+    unet, vae = components[family.denoiser_name], components["vae"]
     if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())  # SDPA
+        unet.enable_xformers_memory_efficient_attention()  # otherwise diffusers' default, PyTorch's SDPA
     device = accelerator.device
-    for name in ("unet", "vae", *family.text_encoder_names):
-        components[name].to(device)
+    text_encoders = {name: components[name] for name in family.text_encoder_names if components.get(name) is not None}
+    for module in (unet, vae, *text_encoders.values()):
+        module.to(device)
     schedule = family.schedule(components, args.prediction_type)
-    # Evaluation samples with DDIM from the training schedule, the same sampler before and after unlearning.
-    sampling_scheduler = DDIMScheduler.from_config(components["scheduler"].config, steps_offset=1, prediction_type=schedule.prediction_type)
+    # The same sampler before and after unlearning (DDIM over the training schedule; a flow model's own).
+    sampling_scheduler = family.evaluation_scheduler(components, schedule.prediction_type)
     try:
         model_index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=args.cache_dir)
     except EnvironmentError:  # a folder without model_index.json, taken with --model_family
@@ -423,7 +447,7 @@ def main(args):
     if objective.needs_keep and len(keep) == 0:
         raise UserInputError(f"--method {args.method} needs a keep set.")
     # A checkpoint of another run (other data, method or settings) is refused before any evaluation.
-    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution, model_family=family.name, vae=args.pretrained_vae_model_name_or_path, **official_fingerprint_entries(args))
+    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution, model_family=family.name, family_options=family.options(), vae=args.pretrained_vae_model_name_or_path, **official_fingerprint_entries(args))
     resume_path = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, fingerprint, args.max_train_steps)
 
     # Evaluation (main process), before training; the same seeds after training.
@@ -443,7 +467,7 @@ def main(args):
     def evaluate_in_precision(model):
         was_training = model.training
         model.eval()
-        pipe.unet = model
+        setattr(pipe, family.denoiser_name, model)
         report, per_prompt = {}, {}
         generations = generate_images(pipe, forget_prompts, args.num_eval_images, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)
         rates = []
@@ -455,7 +479,7 @@ def main(args):
         report["memorization_rate"] = sum(rates) / len(rates)
         report["memorization_threshold"] = threshold
         report["num_eval_images_per_prompt"] = args.num_eval_images
-        if args.noise_norm_generations:
+        if args.noise_norm_generations and family.has_noise_norm_score:
             from diffusers_unlearn.metrics import noise_norm_per_prompt
 
             scores = noise_norm_per_prompt(pipe, forget_prompts + toy_prompts, args.noise_norm_generations, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution)
@@ -488,7 +512,6 @@ def main(args):
 
     # The VAE and the text encoders are not needed again until evaluation: off the accelerator. (The VAE stays when
     # training images are cropped or flipped anew at every draw, and so encoded at every draw.)
-    text_encoders = {name: components[name] for name in family.text_encoder_names}
     augmented = {name: unlearn_data.needs_augmented_pool(image_set, resolution, args.center_crop, args.random_flip) for name, image_set in (("forget", forget), ("keep", keep))}
     if augmented["forget"] or augmented["keep"]:
         logger.info(f"Per-draw crops/flips (VAE encoding each draw) for: {', '.join(name for name, on in augmented.items() if on)}.")
@@ -502,10 +525,10 @@ def main(args):
     # LoRA or full fine-tuning.
     trained_text_encoders = {}
     if args.train_mode == "lora":
-        unet = add_lora(unet, rank=args.rank, lora_alpha=args.lora_alpha, targets=args.lora_targets)
-        if args.train_text_encoder:
-            for name, encoder in text_encoders.items():
-                trained_text_encoders[name] = add_text_encoder_lora(encoder, rank=args.rank, lora_alpha=args.lora_alpha).to(device)
+        unet = add_lora(unet, rank=args.rank, lora_alpha=args.lora_alpha, targets=args.lora_targets, presets=family.lora_target_presets)
+        if args.train_text_encoder:  # the CLIP encoders; T5 (SD3, Flux) stays frozen, as in the official scripts
+            for name in family.lora_text_encoder_names:
+                trained_text_encoders[name] = add_text_encoder_lora(text_encoders[name], rank=args.rank, lora_alpha=args.lora_alpha).to(device)
         # peft makes the adapter in the frozen weights' dtype; it trains in float32 (cast_training_params).
         cast_training_params([unet, *trained_text_encoders.values()], dtype=torch.float32)
     else:
@@ -546,13 +569,16 @@ def main(args):
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("unlearn-sd", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
+    # Conditioning that does not come from the text encoders (SDXL's time_ids, Flux's guidance).
+    micro_keys = set(family.micro_conditioning(components, 1, target_size=(resolution, resolution)))
+
     def pool(cached, image_set, augment):
         latents, input_ids, cond = cached
         if args.train_text_encoder:  # embeddings change during training: encode the token ids every step
-            encoding = {**text_encoders, **trained_text_encoders}
-            micro = {key: value for key, value in cond.items() if key not in ("encoder_hidden_states", "text_embeds")}
+            encoding = {**components, **trained_text_encoders}
+            micro = {key: value for key, value in cond.items() if key in micro_keys}
             text = {"input_ids": input_ids, "encode": lambda ids: family.encode_tokens(encoding, ids)}
-        else:
+        else:  # cached: pooled embeddings too
             micro = {key: value for key, value in cond.items() if key != "encoder_hidden_states"}
             text = {"encoder_hidden_states": cond["encoder_hidden_states"]}
         if not augment:
@@ -571,7 +597,7 @@ def main(args):
         """Generations for the validation prompt and their memorization rate, every --validation_steps."""
         model = accelerator.unwrap_model(unet)
         model.eval()
-        pipe.unet = model
+        setattr(pipe, family.denoiser_name, model)
         for module in (vae, *text_encoders.values()):
             module.to(device)
         with accelerator.autocast():
@@ -687,14 +713,18 @@ def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generation
 def save_full_pipeline(args, family, unet, staged):
     """The fine-tuned pipeline, for plain `from_pretrained(--output_dir)` with the family's pipeline: the base
     model's own components (scheduler class and config, safety checker and feature extractor when it has them),
-    each in the dtype its base files hold, with only the UNet's weights replaced. Written into the staging folder."""
+    each in the dtype its base files hold, with only the denoiser's weights replaced. Written into the staging
+    folder."""
     folder = args.pretrained_model_name_or_path
     if not os.path.isdir(folder):  # a Hub id: the cached snapshot (fetching components the run did not load)
         folder = DiffusionPipeline.download(folder, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     dtypes = stored_dtypes(folder, args.variant)
+    replaced = {family.denoiser_name: unet.to(dtypes.get(family.denoiser_name, torch.float32))}
+    for tokenizer_name, encoder_name, _ in family.text_encoders:  # a pipeline saved without its T5 (SD3)
+        if encoder_name in family.optional_text_encoders and not os.path.isdir(os.path.join(folder, encoder_name)):
+            replaced.update({encoder_name: None, tokenizer_name: None})
     pipeline = family.plain_pipeline_class.from_pretrained(
-        folder, variant=args.variant, unet=unet.to(dtypes.get("unet", torch.float32)),
-        torch_dtype={**dtypes, "default": torch.float32},
+        folder, variant=args.variant, torch_dtype={**dtypes, "default": torch.float32}, **replaced
     )
     save_pipeline_into(pipeline, staged)
 

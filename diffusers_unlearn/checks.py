@@ -65,9 +65,29 @@ STABLE_DIFFUSION_XL = ModelKind(
     },
     ("image_encoder", "feature_extractor"),
 )
-KINDS = (DDPM, STABLE_DIFFUSION, STABLE_DIFFUSION_XL)
+STABLE_DIFFUSION_3 = ModelKind(
+    "a Stable Diffusion 3.x folder (StableDiffusion3Pipeline: an SD3Transformer2DModel, an AutoencoderKL, two "
+    "CLIPTextModelWithProjection and optionally a T5EncoderModel with their tokenizers, and a scheduler)",
+    "train_unlearn_sd.py",
+    {
+        "transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModelWithProjection",
+        "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer": None, "tokenizer_2": None, "scheduler": None,
+    },
+    ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"),
+)
+FLUX = ModelKind(
+    "a Flux.1 folder (FluxPipeline: a FluxTransformer2DModel, an AutoencoderKL, a CLIPTextModel and a "
+    "T5EncoderModel with their tokenizers, and a scheduler)",
+    "train_unlearn_sd.py",
+    {
+        "transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "T5EncoderModel", "tokenizer": None, "tokenizer_2": None, "scheduler": None,
+    },
+    ("image_encoder", "feature_extractor"),
+)
+KINDS = (DDPM, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, FLUX)
 # What train_unlearn_sd.py takes, by model family (its --model_family choices).
-TEXT_TO_IMAGE_KINDS = {"sd": STABLE_DIFFUSION, "sdxl": STABLE_DIFFUSION_XL}
+TEXT_TO_IMAGE_KINDS = {"sd": STABLE_DIFFUSION, "sdxl": STABLE_DIFFUSION_XL, "sd3": STABLE_DIFFUSION_3, "flux": FLUX}
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -199,6 +219,8 @@ __all__ = [
     "DDPM",
     "STABLE_DIFFUSION",
     "STABLE_DIFFUSION_XL",
+    "STABLE_DIFFUSION_3",
+    "FLUX",
     "TEXT_TO_IMAGE_KINDS",
     "ModelKind",
     "check_hub_model",

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from diffusers import UNet2DModel
@@ -196,7 +196,9 @@ def _matches(module_name: str, target: str) -> bool:
     return module_name == target or module_name.endswith("." + target)
 
 
-def resolve_lora_targets(model: nn.Module, preset_or_list: str | Sequence[str]) -> list[str]:
+def resolve_lora_targets(
+    model: nn.Module, preset_or_list: str | Sequence[str], presets: Optional[Mapping[str, Sequence[str]]] = None
+) -> list[str]:
     """Turn a preset name or a list of module names into the `target_modules` for a `LoraConfig`.
 
     `preset_or_list` is one of:
@@ -206,6 +208,9 @@ def resolve_lora_targets(model: nn.Module, preset_or_list: str | Sequence[str]) 
       keep their width;
     - custom module names, as a comma-separated string or a list. A name matches a module whose full name equals
       it or ends with `"." + name`, as in peft. Every custom name must match at least one LoRA-capable layer.
+
+    `presets` replaces `LORA_TARGET_PRESETS` (a model family's `lora_target_presets`, e.g. SD3's with the joint
+    attention's context projections).
 
     Raises `ValueError`, listing the presets, when nothing matches.
 
@@ -217,15 +222,16 @@ def resolve_lora_targets(model: nn.Module, preset_or_list: str | Sequence[str]) 
     """
     module_names = _lora_capable_module_names(model)
     model_name = type(model).__name__
-    choices = ", ".join(repr(name) for name in LORA_TARGET_PRESETS)
+    presets = LORA_TARGET_PRESETS if presets is None else presets
+    choices = ", ".join(repr(name) for name in presets)
 
-    if isinstance(preset_or_list, str) and preset_or_list.strip() in LORA_TARGET_PRESETS:
+    if isinstance(preset_or_list, str) and preset_or_list.strip() in presets:
         preset = preset_or_list.strip()
-        found = [t for t in LORA_TARGET_PRESETS[preset] if any(_matches(n, t) for n in module_names)]
+        found = [t for t in presets[preset] if any(_matches(n, t) for n in module_names)]
         if not found:
             raise ValueError(
                 f"LoRA target preset {preset!r} matches no layer of {model_name} "
-                f"(it looks for {list(LORA_TARGET_PRESETS[preset])}). Choose another preset ({choices}) "
+                f"(it looks for {list(presets[preset])}). Choose another preset ({choices}) "
                 "or pass module names."
             )
         return found
@@ -261,8 +267,12 @@ def add_lora(
     targets: str | Sequence[str] = "attention",
     adapter_name: str = "default",
     init_lora_weights: bool | str = True,
+    presets: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> nn.Module:
-    """Attach a trainable LoRA adapter to a UNet and freeze everything else.
+    """Attach a trainable LoRA adapter to a UNet (or a transformer) and freeze everything else.
+
+    `targets` is a preset name of `presets` (default `LORA_TARGET_PRESETS`; pass a model family's
+    `lora_target_presets`) or module names, as `resolve_lora_targets` reads them.
 
     The adapter's output is scaled by `lora_alpha / rank`; `lora_alpha` defaults to `rank` (scale 1). With
     `init_lora_weights=True`, lora_B starts at zero, so the adapted model starts equal to the base model.
@@ -283,7 +293,7 @@ def add_lora(
     config = LoraConfig(
         r=rank,
         lora_alpha=lora_alpha,
-        target_modules=resolve_lora_targets(model, targets),
+        target_modules=resolve_lora_targets(model, targets, presets),
         init_lora_weights=init_lora_weights,
     )
     model.add_adapter(config, adapter_name=adapter_name)

@@ -19,7 +19,7 @@ import train_unlearn_sd as script  # noqa: E402
 
 from diffusers_unlearn import data as unlearn_data  # noqa: E402
 from diffusers_unlearn.errors import UserInputError  # noqa: E402
-from tiny_models import save_tiny_sd_pipeline, save_tiny_sdxl_pipeline  # noqa: E402
+from tiny_models import quick_sd_script_args, save_tiny_sd_pipeline, save_tiny_sdxl_pipeline  # noqa: E402
 
 PROMPTS = ["a digit seven", "a photo of a cat"]
 
@@ -58,22 +58,8 @@ def workspace(tmp_path_factory):
 
 
 def args_for(workspace, output_dir, *extra, model="model"):
-    return [
-        "--pretrained_model_name_or_path", str(workspace / model),
-        "--forget_images", str(workspace / "f0.png"), str(workspace / "f1.png"),
-        "--forget_prompts", *PROMPTS,
-        "--output_dir", str(output_dir),
-        "--train_batch_size", "2",
-        "--max_train_steps", "2",
-        "--num_eval_images", "2",
-        "--num_validation_images", "1",
-        "--num_inference_steps", "2",
-        "--validation_steps", "100",
-        "--noise_norm_generations", "0",
-        "--siss_scaling_norm", "0.5",
-        "--cache_dir", str(workspace / "hf_cache"),
-        *extra,
-    ]
+    forget = [workspace / "f0.png", workspace / "f1.png"]
+    return quick_sd_script_args(workspace / model, output_dir, forget, PROMPTS, "--cache_dir", str(workspace / "hf_cache"), *extra)
 
 
 def run(args):

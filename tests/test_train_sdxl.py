@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import train_unlearn_sd as script  # noqa: E402
 
 from test_families import diffusers_warnings  # noqa: E402
-from tiny_models import save_tiny_sdxl_pipeline, tiny_vae  # noqa: E402
+from tiny_models import quick_sd_script_args, save_tiny_sdxl_pipeline, tiny_vae  # noqa: E402
 
 PROMPTS = ["a digit seven", "a photo of a cat"]
 
@@ -35,22 +35,8 @@ def workspace(tmp_path_factory):
 
 
 def args_for(workspace, output_dir, *extra, model="model"):
-    return [
-        "--pretrained_model_name_or_path", str(workspace / model),
-        "--forget_images", str(workspace / "f0.png"), str(workspace / "f1.png"),
-        "--forget_prompts", *PROMPTS,
-        "--keep_from_generations", "2",
-        "--output_dir", str(output_dir),
-        "--train_batch_size", "2",
-        "--max_train_steps", "2",
-        "--num_eval_images", "2",
-        "--num_validation_images", "1",
-        "--num_inference_steps", "2",
-        "--validation_steps", "100",
-        "--noise_norm_generations", "0",
-        "--siss_scaling_norm", "0.5",
-        *extra,
-    ]
+    forget = [workspace / "f0.png", workspace / "f1.png"]
+    return quick_sd_script_args(workspace / model, output_dir, forget, PROMPTS, "--keep_from_generations", "2", *extra)
 
 
 def run(args):

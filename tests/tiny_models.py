@@ -324,3 +324,23 @@ def save_tiny_flux_pipeline(folder, guidance_embeds: bool = True, seed: int = 0)
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def quick_sd_script_args(model_path, output_dir, forget_images, prompts, *extra) -> list[str]:
+    """train_unlearn_sd.py arguments for a few-step run on a tiny pipeline: two steps of batch 2, two evaluation
+    images per prompt with two sampling steps, no validation during training, no noise-norm score."""
+    return [
+        "--pretrained_model_name_or_path", str(model_path),
+        "--forget_images", *[str(path) for path in forget_images],
+        "--forget_prompts", *prompts,
+        "--output_dir", str(output_dir),
+        "--train_batch_size", "2",
+        "--max_train_steps", "2",
+        "--num_eval_images", "2",
+        "--num_validation_images", "1",
+        "--num_inference_steps", "2",
+        "--validation_steps", "100",
+        "--noise_norm_generations", "0",
+        "--siss_scaling_norm", "0.5",
+        *extra,
+    ]

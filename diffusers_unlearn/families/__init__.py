@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import UserInputError
 from .base import Components, ModelFamily, normalize_latents
@@ -59,6 +59,16 @@ def family_for_pipeline_class(class_name: Optional[str]) -> ModelFamily:
         f"Unsupported pipeline class {class_name!r}: diffusers-unlearn supports "
         f"{', '.join(supported_pipeline_classes())} (or pass --model_family {'/'.join(available_families())})."
     )
+
+
+def family_of_pipeline(pipe: Any) -> Optional[ModelFamily]:
+    """The family of a pipeline object (its class or a base class, so our Unlearn* subclasses count); None for a
+    pipeline no family serves (a DDPM pipeline)."""
+    for cls in type(pipe).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ in family.pipeline_class_names:
+                return family
+    return None
 
 
 def family_for_folder(
@@ -109,6 +119,7 @@ __all__ = [
     "available_families",
     "family_for_folder",
     "family_for_pipeline_class",
+    "family_of_pipeline",
     "get_family",
     "normalize_latents",
     "supported_pipeline_classes",

@@ -64,6 +64,31 @@ class ModelFamily:
     denoiser_class_name: str = "UNet2DConditionModel"
     lora_prefixes: tuple[str, ...] = ()
     lora_target_presets: Mapping[str, tuple[str, ...]] = LORA_TARGET_PRESETS
+    #: Training options the family takes (`with_options`), with their defaults; none for the DDPM families.
+    option_defaults: Mapping[str, Any] = {}
+    #: Whether `metrics.noise_norm_per_prompt` scores the family's pipelines.
+    has_noise_norm_score: bool = True
+
+    def options(self) -> dict[str, Any]:
+        """The family's training options, by name (for run fingerprints); none here."""
+        return {}
+
+    def with_options(self, **changes: Any) -> "ModelFamily":
+        """The family with training options changed; a family without options refuses any, naming them."""
+        if changes:
+            flags = ", ".join(f"--{name}" for name in sorted(changes))
+            raise UserInputError(
+                f"{flags}: the {self.name} family takes no such option (they belong to the flow-matching families "
+                "sd3 and flux)."
+            )
+        return self
+
+    def native_resolution(self, components: Components) -> tuple[int, int]:
+        """(height, width) the denoiser was built for: its latent `sample_size` times the VAE's scale factor."""
+        scale = 2 ** (len(components["vae"].config.block_out_channels) - 1)
+        size = components[self.denoiser_name].config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return int(height) * scale, int(width) * scale
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -97,6 +122,25 @@ class ModelFamily:
         training run: no safety checker (the metrics need the model's own images) and the base model's
         registered settings from its `model_index.json` where they change what it generates."""
         return {}
+
+    #: The classifier-free guidance scale evaluations sample with when none is given (the pipeline's default).
+    default_guidance_scale: float = 7.5
+
+    def evaluation_scheduler(self, components: Components, prediction_type: Optional[str] = None) -> Any:
+        """The sampler evaluations use, the same before and after unlearning: DDIM over the training schedule
+        (steps_offset 1, the prediction type the model trains with)."""
+        from diffusers import DDIMScheduler
+
+        config = components["scheduler"].config
+        return DDIMScheduler.from_config(config, steps_offset=1, prediction_type=prediction_type or config.get("prediction_type", "epsilon"))
+
+    def latents_to_pipeline(self, latents: torch.Tensor) -> torch.Tensor:
+        """Initial noise (N, C, h, w) in the layout the pipeline's `latents=` argument takes (unchanged here)."""
+        return latents
+
+    def latents_from_pipeline(self, latents: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+        """The pipeline's `output_type="latent"` result as (N, C, rows, columns) latents (unchanged here)."""
+        return latents
 
     def sampling_pipeline(
         self, components: Components, scheduler: Any, model_index: Optional[Mapping[str, Any]] = None

@@ -118,6 +118,13 @@ class FlowMatchingFamily(ModelFamily):
 
     # -- the forward process ---------------------------------------------------------------------------------
 
+    has_noise_norm_score = False  # the velocity-difference score is not implemented yet
+
+    def evaluation_scheduler(self, components: Components, prediction_type: Optional[str] = None) -> Any:
+        """A fresh copy of the pipeline's own flow-matching sampler (DDIM does not apply to a flow)."""
+        scheduler = components["scheduler"]
+        return type(scheduler).from_config(scheduler.config)
+
     def schedule_options(self) -> dict[str, Any]:
         """The keyword arguments of `FlowMatchSchedule.from_scheduler` this family passes."""
         return {

@@ -175,6 +175,16 @@ class FluxFamily(FlowMatchingFamily):
         size = _DEFAULT_LATENT_SIZE * FlowMatchingFamily.vae_scale_factor(components)
         return size, size
 
+    default_guidance_scale = 3.5  # FluxPipeline's: the guidance-distilled embedding, not classifier-free guidance
+
+    def latents_to_pipeline(self, latents: torch.Tensor) -> torch.Tensor:
+        """FluxPipeline takes its `latents=` packed."""
+        return pack_latents(latents)
+
+    def latents_from_pipeline(self, latents: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+        """FluxPipeline returns packed latents: unpacked to rows x columns."""
+        return unpack_latents(latents, rows, columns)
+
     def call(self, model: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Mapping[str, torch.Tensor]):
         """The transformer's velocity for UNPACKED x_t (N, C, H, W), unpacked again: x_t packed into 2x2
         patches, `img_ids`/`txt_ids` as FluxPipeline builds them, `timestep = timesteps / 1000` (the scheduler's

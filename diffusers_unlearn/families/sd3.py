@@ -118,6 +118,8 @@ class StableDiffusion3Family(FlowMatchingFamily):
         size = int(components["transformer"].config.sample_size) * FlowMatchingFamily.vae_scale_factor(components)
         return size, size
 
+    default_guidance_scale = 7.0  # StableDiffusion3Pipeline's
+
     def call(self, model: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Mapping[str, torch.Tensor]):
         """`transformer(hidden_states=x_t, timestep=t, encoder_hidden_states, pooled_projections).sample`, as the
         official SD3 script calls it; `timesteps` are the scheduler's (sigma * 1000), passed as they are."""

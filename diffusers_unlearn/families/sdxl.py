@@ -92,14 +92,6 @@ class StableDiffusionXLFamily(ModelFamily):
         rows = [list(original) + list(crop) + list(target) for original, crop in zip(originals, crops)]
         return {"time_ids": torch.tensor(rows, dtype=torch.float32).reshape(count, 6)}
 
-    @staticmethod
-    def native_resolution(components: Components) -> tuple[int, int]:
-        """(height, width) the UNet was built for: its latent `sample_size` times the VAE's scale factor."""
-        scale = 2 ** (len(components["vae"].config.block_out_channels) - 1)
-        size = components["unet"].config.sample_size
-        height, width = (size, size) if isinstance(size, int) else size
-        return int(height) * scale, int(width) * scale
-
     def call(self, model: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Mapping[str, torch.Tensor]):
         """`unet(x_t, t, encoder_hidden_states, added_cond_kwargs={"text_embeds", "time_ids"}).sample`."""
         missing = [key for key in ("encoder_hidden_states", "text_embeds", "time_ids") if key not in cond]

@@ -33,11 +33,17 @@ def vae_scale_factor(pipe) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def denoiser_of(pipe):
+    """The pipeline's denoiser: its `unet`, or its `transformer` (SD3, Flux)."""
+    unet = _component(pipe, "unet")
+    return unet if unet is not None else _component(pipe, "transformer")
+
+
 def latent_size(pipe, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int]:
     """(rows, columns) of the latents for images of `height` x `width` pixels. Either defaults to the model's
-    native size (the UNet's `sample_size` times the VAE scale factor, diffusers' default). Raises ValueError
-    when a size is not a multiple of the VAE scale factor."""
-    sample_size = _component(pipe, "unet").config.sample_size
+    native size (the denoiser's `sample_size`, or the pipeline's `default_sample_size`, times the VAE scale
+    factor, diffusers' default). Raises ValueError when a size is not a multiple of the VAE scale factor."""
+    sample_size = getattr(denoiser_of(pipe).config, "sample_size", None) or _component(pipe, "default_sample_size")
     native = tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
     if height is None and width is None:
         return native
@@ -56,7 +62,9 @@ def initial_latents(
 
     `height` and `width` are the image size in pixels (default: the model's native size, see `latent_size`).
     `pipe` is a pipeline or a mapping with its `unet` (and `vae`, to size latents from pixels)."""
-    channels = _component(pipe, "unet").config.in_channels
+    vae = _component(pipe, "vae")
+    # The VAE's latent channels (Flux's transformer takes them packed four to a token); a pixel UNet's own.
+    channels = vae.config.latent_channels if vae is not None else denoiser_of(pipe).config.in_channels
     rows, columns = latent_size(pipe, height, width)
     latents = []
     for index in range(start, start + count):
@@ -125,10 +133,13 @@ def generate_images(
     Example:
         >>> before = generate_images(pipe, ["a handwritten digit seven"], 64, seed=0)[0]  # doctest: +SKIP
     """
+    from ..families import family_of_pipeline
+
     if num_per_prompt < 1:
         raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}.")
-    device = pipe.unet.device
-    dtype = pipe.unet.dtype
+    family = family_of_pipeline(pipe)
+    device = denoiser_of(pipe).device
+    dtype = denoiser_of(pipe).dtype
     rows, columns = latent_size(pipe, height, width)
     factor = vae_scale_factor(pipe)
     results = []
@@ -137,6 +148,8 @@ def generate_images(
         for start in range(0, num_per_prompt, batch_size):
             count = min(batch_size, num_per_prompt - start)
             latents = initial_latents(pipe, count, seed, start, rows * factor, columns * factor).to(device, dtype)
+            if family is not None:  # Flux takes and returns packed latents
+                latents = family.latents_to_pipeline(latents)
             output = pipe(
                 [prompt] * count,
                 height=rows * factor,
@@ -146,6 +159,8 @@ def generate_images(
                 latents=latents,
                 output_type="latent",
             ).images
+            if family is not None:
+                output = family.latents_from_pipeline(output, rows, columns)
             images.append(decode_latents(pipe.vae, output))
         results.append(torch.cat(images).clamp(-1, 1))
     return results
