@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "docs" / "families").glob("*.md"))
 LAUNCH = "accelerate launch train_unlearn_sd.py"
-FAMILY_PAGES = ("sd1.md", "sd2.md", "sdxl.md")
+FAMILY_PAGES = ("sd1.md", "sd2.md", "sdxl.md", "sd3.md", "flux.md")
 
 
 class _ParserCaptured(Exception):
