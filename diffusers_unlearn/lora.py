@@ -698,12 +698,13 @@ def load_lora_weights(
     path_or_dir: str | os.PathLike,
     adapter_name: str = "default",
     weight_name: str = DEFAULT_WEIGHT_NAME,
+    denoiser_prefix: str = UNET_PREFIX,
 ) -> nn.Module:
-    """Load a LoRA adapter from a safetensors file into a UNet and return the model.
+    """Load a LoRA adapter from a safetensors file into a UNet (or a transformer) and return the model.
 
     Works for `UNet2DModel` (converted to `LoRAUNet2DModel` in place) and `UNet2DConditionModel`. Files with
     `unet.`-prefixed keys (pipeline files, `save_lora_weights`) and files without a prefix
-    (`save_lora_adapter`) both load. Only safetensors is accepted; a `.bin`/`.pt` path raises `ValueError`.
+    (`save_lora_adapter`) both load; `denoiser_prefix="transformer"` reads SD3/Flux pipeline files instead. Only safetensors is accepted; a `.bin`/`.pt` path raises `ValueError`.
     The adapter becomes the active one and, as after `add_lora`, the only trainable parameters, so training
     can resume from it. Raises `ValueError` if some weights in the file match no layer of
     the model (diffusers itself only warns), and removes the partly loaded adapter again.
@@ -719,8 +720,9 @@ def load_lora_weights(
         file_keys = list(handle.keys())
         header = handle.metadata() or {}
 
-    # A file written for a pipeline prefixes UNet keys with "unet."; a bare model file has no prefix.
-    prefix = UNET_PREFIX if any(key.startswith(f"{UNET_PREFIX}.") for key in file_keys) else None
+    # A file written for a pipeline prefixes the denoiser's keys with "unet." (or "transformer."); a bare model
+    # file has no prefix.
+    prefix = denoiser_prefix if any(key.startswith(f"{denoiser_prefix}.") for key in file_keys) else None
     if prefix is not None:
         file_keys = [key.removeprefix(f"{prefix}.") for key in file_keys if key.startswith(f"{prefix}.")]
     if not file_keys:

@@ -4,7 +4,10 @@
         --prompts_file sdv1_500_memorized.jsonl --output_file ranked.jsonl --top_k 20
 
 Each prompt gets the noise-norm score of Wen et al. (ICLR 2024): the mean, over the sampling steps of a few seeded
-generations, of ||eps(x_t, prompt) - eps(x_t, "")||. Memorized prompts score high. The output is JSON lines sorted
+generations, of ||eps(x_t, prompt) - eps(x_t, "")|| (DDIM sampling); for SD3 and Flux folders the velocity
+difference ||v(x, prompt) - v(x, "")|| along the pipeline's own flow-matching sampler (for a guidance-distilled
+Flux, the empty prompt through the same model with the same guidance embedding; see
+`diffusers_unlearn.metrics.noise_norm`). Memorized prompts score high. The output is JSON lines sorted
 by score, `{"caption": ..., "noise_norm": ..., "rank": ...}`, which `train_unlearn_sd.py --memorized_prompts_file`
 reads directly. The prompts file is JSON lines with a `caption` field or plain text, one prompt per line.
 """
@@ -30,7 +33,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--top_k", type=int, default=None, help="Write only the K highest-scoring prompts.")
     parser.add_argument("--num_generations", type=int, default=4, help="Seeded generations per prompt.")
     parser.add_argument("--num_inference_steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's (7.5 for SD/SDXL, 7.0 for SD3, Flux's guidance embedding 3.5).")
+    parser.add_argument("--height", type=int, default=None, help="Image height in pixels the trajectories run at. Default: the model's native size.")
+    parser.add_argument("--width", type=int, default=None, help="Image width in pixels. Default: the model's native size.")
+    parser.add_argument("--max_sequence_length", type=int, default=None, help="SD3/Flux: T5's padded prompt length (default 77 for SD3, 512 for Flux).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16, help="Samples (prompt x generation pairs) per UNet call; each call also runs the empty-prompt branch.")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
         path = toy_model_path("sd_tiny")
     dtype = getattr(torch, args.dtype)
-    from .families import family_for_folder
+    from .families import FlowMatchingFamily, family_for_folder
 
     family = family_for_folder(path, revision=args.revision)
     pipeline_class = family.plain_pipeline_class
@@ -83,12 +89,19 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     pipe = pipeline_class.from_pretrained(
         path, revision=args.revision, variant=args.variant, torch_dtype=dtype, **extra
     ).to(args.device)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)  # deterministic steps
+    if isinstance(family, FlowMatchingFamily):
+        pipe.scheduler = family.evaluation_scheduler(pipe.components)  # the pipeline's own flow sampler
+    else:
+        if args.max_sequence_length is not None:
+            raise ValueError("--max_sequence_length applies to SD3 and Flux pipelines (their T5 encoder).")
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)  # deterministic steps
     pipe.set_progress_bar_config(disable=True)
+    guidance_scale = family.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
 
     scores = noise_norm_scores(
         pipe, prompts, num_generations=args.num_generations, num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+        guidance_scale=guidance_scale, seed=args.seed, batch_size=args.batch_size, height=args.height,
+        width=args.width, max_sequence_length=args.max_sequence_length,
     )
     order = sorted(range(len(prompts)), key=lambda i: -scores[i])
     rows = [{"caption": prompts[i], "noise_norm": scores[i], "rank": rank + 1} for rank, i in enumerate(order)]

@@ -118,7 +118,9 @@ class FlowMatchingFamily(ModelFamily):
 
     # -- the forward process ---------------------------------------------------------------------------------
 
-    has_noise_norm_score = False  # the velocity-difference score is not implemented yet
+    # The velocity-difference score ||v(x, c) - v(x, "")|| (metrics.noise_norm; for a guidance-distilled Flux the
+    # empty prompt through the same model).
+    has_noise_norm_score = True
 
     def evaluation_scheduler(self, components: Components, prediction_type: Optional[str] = None) -> Any:
         """A fresh copy of the pipeline's own flow-matching sampler (DDIM does not apply to a flow)."""

@@ -6,22 +6,42 @@ values of one sample) of the text-conditional minus the unconditional noise pred
 prompt pulls every trajectory toward one training image, so its conditional prediction departs far from the
 unconditional one; ordinary prompts give small differences. It needs nothing but the model.
 
+Flow-matching models (SD3.x, Flux.1) predict a velocity v, not a noise: their score is the velocity difference
+||v(x, c) - v(x, empty)||, averaged the same way over the sampling steps of the pipeline's own flow-matching
+scheduler, its timesteps set as the pipeline sets them (Flux's resolution-dependent shift `mu` included):
+- SD3: the trajectory is the classifier-free-guided one, v_empty + s * (v_c - v_empty), the empty prompt "" encoded
+  as `StableDiffusion3Pipeline` encodes its default negative prompt (no zeroing; the family's `encode_prompts`);
+- Flux: a guidance-distilled checkpoint (Flux.1-dev) has no unconditional branch: the guidance scale is the value
+  fed to its guidance embedding, the trajectory follows v(x, c) as `FluxPipeline` samples, and v(x, empty) is the
+  EMPTY PROMPT through the same model with the same guidance embedding. The score therefore measures how far the
+  prompt moves the distilled model away from what it draws for "", not a true unconditional model. A Flux
+  without a guidance embedding is scored the same way, without the embedding.
+Prompts are encoded by the model family (`families.get_family(...).encode_prompts`) with its default T5 length
+(SD3: 77 tokens, the official training script's; Flux: 512) unless `max_sequence_length` is given. The (1 - sigma)
+factor that turns a velocity difference into a noise difference at the same x_sigma is NOT applied: the score is
+on the velocity, as the metric is defined for flow models in this package.
+
 Entry point: `noise_norm_scores(pipe_or_components, prompts, ...)`. It takes a Stable-Diffusion-style pipeline (or
-a mapping with its `unet`, `scheduler`, `tokenizer` and `text_encoder`), or a DDPM pipeline / mapping whose
-`UNet2DModel` is class-conditional, in which case the "prompts" are class labels.
+a mapping with its `unet`, `scheduler`, `tokenizer` and `text_encoder`), an SD3 or Flux pipeline (or a mapping of
+its components), or a DDPM pipeline / mapping whose `UNet2DModel` is class-conditional, in which case the
+"prompts" are class labels.
 """
 
 from __future__ import annotations
 
 import inspect
 import operator
+from functools import partial
 from collections.abc import Mapping
 from types import SimpleNamespace
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
-from ..pipelines.text_to_image import _image_seed, initial_latents, vae_scale_factor
+from ..pipelines.text_to_image import _image_seed, denoiser_of, initial_latents, vae_scale_factor
+
+if TYPE_CHECKING:
+    from ..families import FlowMatchingFamily
 
 DEFAULT_TEXT_GUIDANCE = 7.5
 DEFAULT_CLASS_GUIDANCE = 3.0
@@ -74,6 +94,168 @@ def noise_norm_along_trajectory(
         guided = uncond + guidance_scale * (cond - uncond)
         sample = scheduler.step(guided.to(sample.dtype), t, sample, **step_kwargs).prev_sample
     return (total / len(timesteps)).cpu()
+
+
+def _flow_family(pipe_or_components):
+    """The flow-matching model family (SD3, Flux) of a pipeline or a mapping of its components; None otherwise.
+    A mapping is recognised by its `transformer`'s class."""
+    from ..families import FAMILIES, FlowMatchingFamily, family_of_pipeline
+
+    family = None if isinstance(pipe_or_components, Mapping) else family_of_pipeline(pipe_or_components)
+    if family is None:
+        transformer = _component(pipe_or_components, "transformer")
+        if transformer is None:
+            return None
+        names = {cls.__name__ for cls in type(transformer).__mro__}
+        family = next((f for f in FAMILIES.values() if f.denoiser_class_name in names), None)
+    return family if isinstance(family, FlowMatchingFamily) else None
+
+
+def _dynamic_shift(image_seq_len: int, config, default_max_shift: float) -> float:
+    """The resolution-dependent shift `mu` of a dynamically shifted flow-matching scheduler: linear in the number
+    of image tokens, base_shift at base_image_seq_len and max_shift at max_image_seq_len (the scheduler config's
+    values; the pipelines' fallbacks when absent)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", default_max_shift)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
+def set_flow_timesteps(
+    family: FlowMatchingFamily, scheduler, transformer: torch.nn.Module, num_inference_steps: int, rows: int,
+    columns: int, device: Optional[torch.device] = None,
+) -> None:
+    """Set a flow-matching scheduler's timesteps for (rows, columns) latents as the family's pipeline does.
+
+    Flux (`FluxPipeline`): sigmas evenly spaced from 1 to 1/steps (unless the scheduler uses its own flow sigmas)
+    and the shift `mu` of the packed sequence length, (rows/2)(columns/2). SD3 (`StableDiffusion3Pipeline`): the
+    scheduler's own sigmas, with `mu` of the patch count only when the scheduler shifts dynamically.
+
+    Example:
+        >>> set_flow_timesteps(get_family("flux"), scheduler, pipe.transformer, 28, 128, 128)  # doctest: +SKIP
+    """
+    import numpy as np
+
+    config = scheduler.config
+    if family.name == "flux":
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        mu = _dynamic_shift((rows // 2) * (columns // 2), config, 1.15)
+        if sigmas is None:
+            scheduler.set_timesteps(num_inference_steps, device=device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        return
+    extra = {}
+    if config.get("use_dynamic_shifting"):
+        patch = int(transformer.config.patch_size)
+        extra["mu"] = _dynamic_shift((rows // patch) * (columns // patch), config, 1.16)
+    scheduler.set_timesteps(num_inference_steps, device=device, **extra)
+
+
+@torch.no_grad()
+def velocity_difference_along_trajectory(
+    family: FlowMatchingFamily,
+    transformer: torch.nn.Module,
+    scheduler,
+    latents: torch.Tensor,
+    conditional: dict[str, torch.Tensor],
+    unconditional: dict[str, torch.Tensor],
+    num_inference_steps: int = 28,
+    guidance_scale: float = 7.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Per-sample mean over sampling steps of ||v(x, c) - v(x, empty)|| for a flow model; (N,), float32 on CPU.
+
+    `family` is the model family (SD3 or Flux); `latents` the initial noise (N, C, H, W), UNPACKED for Flux too
+    (the family's `call` packs). `conditional` / `unconditional` are the family's conditioning dicts
+    (`encoder_hidden_states`, `pooled_projections` and, for a guidance-distilled Flux, `guidance`), batch N each;
+    both branches run in one transformer call per step. The trajectory follows what the pipeline samples: for
+    SD3 the classifier-free-guided velocity with `guidance_scale`; for Flux the conditional velocity (its
+    `guidance_scale` is the embedded guidance value, already in the conditioning). `scheduler` (a
+    FlowMatchEulerDiscreteScheduler) is set as the pipeline sets it (`set_flow_timesteps`).
+
+    Example:
+        >>> velocity_difference_along_trajectory(get_family("sd3"), pipe.transformer, scheduler, latents,
+        ...     cond, uncond, num_inference_steps=28, guidance_scale=7.0)  # doctest: +SKIP
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+    rows, columns = latents.shape[-2:]
+    set_flow_timesteps(family, scheduler, transformer, num_inference_steps, rows, columns, latents.device)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    classifier_free = family.name != "flux"
+    sample = latents
+    count = latents.shape[0]
+    total = torch.zeros(count, dtype=torch.float32, device=latents.device)
+    both = {key: torch.cat([unconditional[key], conditional[key]]) for key in conditional}
+    timesteps = scheduler.timesteps
+    for t in timesteps:
+        timestep = t.expand(2 * count).to(latents.device)
+        prediction = family.call(transformer, torch.cat([sample, sample]), timestep, both)
+        uncond, cond = prediction.float().chunk(2)
+        total += (cond - uncond).flatten(1).norm(dim=1)
+        velocity = uncond + guidance_scale * (cond - uncond) if classifier_free else cond
+        sample = scheduler.step(velocity.to(sample.dtype), t, sample, **step_kwargs).prev_sample
+    return (total / len(timesteps)).cpu()
+
+
+@torch.no_grad()
+def _flow_conditioning(
+    family, pipe_or_components, prompts: Sequence[str], device, dtype, guidance_scale: float, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """The family's conditioning of `prompts` (the last one is the empty prompt), in chunks of `batch_size`,
+    on `device`; hidden states and pooled embeddings in `dtype`, Flux's `guidance` float32 filled with
+    `guidance_scale` (as FluxPipeline feeds it)."""
+    components = _component_dict(pipe_or_components)
+    parts = []
+    for start, stop in _chunks(len(prompts), batch_size):
+        parts.append(family.encode_prompts(components, list(prompts[start:stop])))
+    cond = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    result = {}
+    for key, value in cond.items():
+        if key == "guidance":
+            result[key] = torch.full_like(value, float(guidance_scale), dtype=torch.float32).to(device)
+        else:
+            result[key] = value.to(device, dtype)
+    return result
+
+
+def _component_dict(pipe_or_components) -> dict:
+    if isinstance(pipe_or_components, Mapping):
+        return dict(pipe_or_components)
+    return dict(pipe_or_components.components)
+
+
+def _flow_noise_norm_per_prompt(
+    family, pipe, prompts, num_generations, seed, num_inference_steps, guidance_scale, batch_size, height, width,
+    max_sequence_length,
+) -> torch.Tensor:
+    """`noise_norm_per_prompt` for SD3 and Flux: the (num_prompts, num_generations) table."""
+    if max_sequence_length is not None:
+        family = family.with_options(max_sequence_length=int(max_sequence_length))
+    transformer, scheduler = _component(pipe, "transformer"), _component(pipe, "scheduler")
+    device, dtype = transformer.device, transformer.dtype
+    latents = initial_latents(pipe, num_generations, seed, height=height, width=width).to(device, dtype)
+    cond = _flow_conditioning(family, pipe, list(prompts) + [""], device, dtype, guidance_scale, batch_size)
+    prompt_cond = {key: value[:-1] for key, value in cond.items()}
+    empty_cond = {key: value[-1:] for key, value in cond.items()}
+
+    def condition_batch(index):
+        index = index.to(device)
+        return (
+            {key: value[index] for key, value in prompt_cond.items()},
+            {key: value.expand(len(index), *value.shape[1:]) for key, value in empty_cond.items()},
+        )
+
+    was_training = transformer.training
+    transformer.eval()
+    try:
+        return _score_pairs(
+            transformer, scheduler, latents, len(prompts), condition_batch, num_inference_steps, guidance_scale,
+            seed, batch_size, trajectory=partial(velocity_difference_along_trajectory, family),
+        )
+    finally:
+        transformer.train(was_training)
 
 
 def _cat_branches(unconditional, conditional):
@@ -172,12 +354,16 @@ def _score_pairs(
     guidance_scale: float,
     seed: int,
     batch_size: int,
+    trajectory=None,
 ) -> torch.Tensor:
     """Scores of every (condition, generation) pair, run `batch_size` samples at a time; (num_conditions, G).
 
     `condition_batch(condition_index_tensor)` returns the (conditional, unconditional) UNet kwargs of a chunk.
     Generation g of every condition starts from `latents[g]`, so conditions are compared on the same noise.
+    `trajectory` scores one chunk (default `noise_norm_along_trajectory`; flow models pass
+    `velocity_difference_along_trajectory` bound to their family).
     """
+    trajectory = trajectory or noise_norm_along_trajectory
     num_generations = latents.shape[0]
     pairs = [(c, g) for c in range(num_conditions) for g in range(num_generations)]
     scores = torch.zeros(num_conditions * num_generations)
@@ -187,7 +373,7 @@ def _score_pairs(
         generation_index = torch.tensor([pairs[i][1] for i in range(start, stop)])
         conditional, unconditional = condition_batch(condition_index)
         generator = torch.Generator(latents.device).manual_seed(_image_seed(seed, 1_000_000 + chunk_index))
-        scores[start:stop] = noise_norm_along_trajectory(
+        scores[start:stop] = trajectory(
             unet, sampler, latents[generation_index], conditional, unconditional,
             num_inference_steps, guidance_scale, generator=generator,
         )
@@ -208,14 +394,21 @@ def noise_norm_per_prompt(
     num_generations: int = 4,
     seed: int = 0,
     num_inference_steps: int = 25,
-    guidance_scale: float = DEFAULT_TEXT_GUIDANCE,
+    guidance_scale: Optional[float] = None,
     return_per_generation: bool = False,
     batch_size: int = 16,
     height: Optional[int] = None,
     width: Optional[int] = None,
+    max_sequence_length: Optional[int] = None,
 ):
     """The noise-norm score of each prompt for a Stable-Diffusion-style pipeline (or a mapping with its `unet`,
     `scheduler`, `tokenizer` and `text_encoder`), averaged over `num_generations` seeded generations.
+
+    For an SD3 or Flux pipeline (or a mapping of its components) the score is the velocity difference
+    ||v(x, c) - v(x, "")|| along the pipeline's own flow-matching trajectory (see the module docstring; for Flux
+    the empty prompt goes through the same guidance-distilled model). `guidance_scale` defaults to 7.5 for
+    Stable Diffusion and to the family's pipeline default for SD3 (7.0, classifier-free) and Flux (3.5, the
+    guidance embedding). `max_sequence_length` (SD3 and Flux only) is T5's padded length, default the family's.
 
     Generation i of every prompt starts from the same noise,
     `initial_latents(pipe, num_generations, seed, height=height, width=width)[i]`, so scores are paired across
@@ -239,6 +432,20 @@ def noise_norm_per_prompt(
     if not prompts:
         empty_table = torch.zeros(0, num_generations)
         return empty_table if return_per_generation else []
+    flow_family = _flow_family(pipe)
+    if flow_family is not None:
+        if (height is not None or width is not None) and _component(pipe, "vae") is None:
+            raise ValueError("Sizing latents from height/width needs the pipeline's `vae` (for its scale factor).")
+        guidance = flow_family.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        table = _flow_noise_norm_per_prompt(
+            flow_family, pipe, prompts, num_generations, seed, num_inference_steps, guidance, batch_size, height,
+            width, max_sequence_length,
+        )
+        return table if return_per_generation else [float(row.mean()) for row in table]
+    if max_sequence_length is not None:
+        raise ValueError("max_sequence_length applies to SD3 and Flux (their T5 encoder).")
+    if guidance_scale is None:
+        guidance_scale = DEFAULT_TEXT_GUIDANCE
     device, dtype = unet.device, unet.dtype
     was_training = unet.training
     unet.eval()
@@ -353,23 +560,27 @@ def noise_norm_scores(
     return_per_generation: bool = False,
     height: Optional[int] = None,
     width: Optional[int] = None,
+    max_sequence_length: Optional[int] = None,
 ):
     """Noise-norm memorization score (Wen et al., ICLR 2024) of each prompt, highest for memorized prompts.
 
     Args:
         pipe_or_components: a text-to-image pipeline (`StableDiffusionPipeline`, `UnlearnStableDiffusionPipeline`)
-            or a mapping with `unet`, `scheduler`, `tokenizer`, `text_encoder`; or a DDPM pipeline / mapping
+            or a mapping with `unet`, `scheduler`, `tokenizer`, `text_encoder`; an SD3 or Flux pipeline (or a
+            mapping of its components), scored on the velocity difference; or a DDPM pipeline / mapping
             (`unet`, `scheduler`) whose `UNet2DModel` has `num_class_embeds`.
         prompts: text prompts; class labels (ints) for a class-conditional UNet2DModel. The empty prompt "" (or the
             null class label, the last class embedding) is the unconditional branch.
         num_generations: seeded generations per prompt; generation i starts from the same noise for every prompt.
         num_inference_steps: sampling steps; the score is the mean over them.
-        guidance_scale: classifier-free guidance of the trajectory (default 7.5 for text, 3.0 for class labels).
+        guidance_scale: classifier-free guidance of the trajectory (default 7.5 for text, 3.0 for class labels;
+            SD3: 7.0; Flux: the guidance embedding's value, 3.5).
         seed: fixes the starting noise (and the step noise of stochastic schedulers): same seed, same scores.
         batch_size: samples per UNet call (each call runs the conditional and unconditional branch together).
         return_per_generation: return the (num_prompts, num_generations) tensor instead of per-prompt means.
         height, width: text-to-image only: the image size in pixels the trajectories run at (default: the
             model's native size, the UNet's `sample_size` times the VAE scale factor).
+        max_sequence_length: SD3 and Flux only: T5's padded length (default the family's: 77 / 512).
 
     Returns:
         `list[float]`, one score per prompt (L2 units of the latent; compare prompts of one model, or one prompt
@@ -384,18 +595,18 @@ def noise_norm_scores(
         >>> noise_norm_scores(pipe, ["The No Limits Business Woman Podcast", "a photo of a dog"])  # doctest: +SKIP
         [5.9, 1.2]
     """
-    unet = _component(pipe_or_components, "unet")
+    unet = denoiser_of(pipe_or_components)
     scheduler = _component(pipe_or_components, "scheduler")
     if unet is None or scheduler is None:
-        raise ValueError("noise_norm_scores needs a pipeline or mapping with a `unet` and a `scheduler`.")
+        raise ValueError("noise_norm_scores needs a pipeline or mapping with a `unet` (or `transformer`) and a `scheduler`.")
     if _component(pipe_or_components, "text_encoder") is not None and _component(pipe_or_components, "tokenizer") is not None:
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
             raise ValueError(f"A text-to-image pipeline scores text prompts; got {bad[:3]}.")
         return noise_norm_per_prompt(
-            pipe_or_components, list(prompts), num_generations, seed, num_inference_steps,
-            DEFAULT_TEXT_GUIDANCE if guidance_scale is None else guidance_scale,
+            pipe_or_components, list(prompts), num_generations, seed, num_inference_steps, guidance_scale,
             return_per_generation=return_per_generation, batch_size=batch_size, height=height, width=width,
+            max_sequence_length=max_sequence_length,
         )
     if height is not None or width is not None:
         raise ValueError("height and width apply to text-to-image pipelines; a UNet2DModel samples at its sample_size.")

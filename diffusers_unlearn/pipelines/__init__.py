@@ -1,5 +1,5 @@
 """Pipelines: class-conditional DDPM sampling with classifier-free guidance, seeded batch sampling, and the
-unlearning pipelines for DDPM and Stable Diffusion."""
+unlearning pipelines for DDPM, Stable Diffusion (1.x/2.x, XL), SD3.x and Flux.1."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ _LAZY = {
     "UnlearningMixin": "mixins",
     "UnlearnStableDiffusionPipeline": "stable_diffusion",
     "UnlearnStableDiffusionXLPipeline": "stable_diffusion_xl",
+    "UnlearnStableDiffusion3Pipeline": "flow",
+    "UnlearnFluxPipeline": "flow",
     "generate_images": "text_to_image",
     "ClassConditionalDDPMPipeline": "ddpm",
     "UnlearnDDPMPipeline": "ddpm",

@@ -1,7 +1,8 @@
 """`UnlearningMixin`: attach, weigh and inspect unlearning adapters on a diffusers pipeline.
 
 A small class added by multiple inheritance, in the manner of diffusers' own loader mixins: it
-delegates to the pipeline's `unet`. A pipeline that uses it still saves a folder that plain
+delegates to the pipeline's denoiser, its `unet` (DDPM, SD, SDXL) or its `transformer` (SD3, Flux; the model
+family's `denoiser_name`). A pipeline that uses it still saves a folder that plain
 diffusers loads, because the saved `_class_name` is the base class's.
 """
 
@@ -33,27 +34,42 @@ def _resolve_adapter_file(path_or_repo: str, weight_name: str, token: Optional[s
     return hf_hub_download(path_or_repo, weight_name, token=token)
 
 
-def _has_pipeline_prefixes(path: str) -> bool:
+def _has_pipeline_prefixes(path: str, denoiser_name: str = "unet") -> bool:
     """True unless the file is a bare PEFT state dict (keys such as `down_blocks.0...lora_A.weight`, no component
-    prefix), which diffusers' pipeline loader would skip without an error."""
+    prefix), which diffusers' pipeline loader would skip without an error. `denoiser_name` is the denoiser's key
+    prefix ("unet", or "transformer" for SD3 and Flux)."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt", device="cpu") as handle:
         keys = list(handle.keys())
     bare = all(".lora_A." in k or ".lora_B." in k or ".lora_magnitude_vector" in k for k in keys) and not any(
-        k.startswith(("unet.", "text_encoder.")) for k in keys
+        k.startswith((f"{denoiser_name}.", "text_encoder.")) for k in keys
     )
     return not bare
 
 
 class UnlearningMixin:
     """Adds `load_unlearning_adapter`, `set_unlearning_strength`, `memorization_score` and `unlearn` to a
-    pipeline with a `unet` (a DDPM pipeline, or a text-to-image pipeline with `text_encoder` and `tokenizer`).
+    pipeline with a denoiser (a DDPM pipeline, or a text-to-image pipeline with `text_encoder` and `tokenizer`).
+    The denoiser is the component named by the pipeline's model family (`denoiser_name`: "unet", or
+    "transformer" for SD3 and Flux); a pipeline no family serves (DDPM) uses its `unet`.
 
     Subclasses set `_saved_class_name` to the plain diffusers pipeline they extend.
     """
 
     _saved_class_name: str = ""
+
+    @property
+    def _denoiser_name(self) -> str:
+        """The denoiser's component name (and LoRA key prefix): "unet", or "transformer" for SD3 and Flux."""
+        from ..families import family_of_pipeline
+
+        family = family_of_pipeline(self)
+        return family.denoiser_name if family is not None else "unet"
+
+    @property
+    def _denoiser(self) -> torch.nn.Module:
+        return getattr(self, self._denoiser_name)
 
     def to_json_string(self) -> str:
         """The pipeline config, naming the plain diffusers class so the saved folder loads without this package."""
@@ -67,13 +83,13 @@ class UnlearningMixin:
         layers into the base checkpoint, which plain diffusers cannot load)."""
         if self.unlearning_adapters:
             raise ValueError(
-                f"Adapters {self.unlearning_adapters} are attached. Call pipe.unet.fuse_lora() and "
-                "pipe.unet.unload_lora() to save a merged model, or save the adapter on its own with "
+                f"Adapters {self.unlearning_adapters} are attached. Call pipe.{self._denoiser_name}.fuse_lora() and "
+                f"pipe.{self._denoiser_name}.unload_lora() to save a merged model, or save the adapter on its own with "
                 "diffusers_unlearn.lora.save_lora_weights."
             )
         from diffusers import UNet2DModel
 
-        if isinstance(self.unet, UNet2DModel):
+        if isinstance(getattr(self, "unet", None), UNet2DModel):
             self.unet = as_plain_unet(self.unet)  # the config must name UNet2DModel, not our subclass
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -91,9 +107,10 @@ class UnlearningMixin:
         defaults to the unlearning method stored in the file (for example "siss").
         Returns the adapter name.
 
-        For a Stable Diffusion pipeline the file is in diffusers' pipeline LoRA format (`unet.`-prefixed keys, and
-        `text_encoder.` ones if the text encoder was trained), as written by `StableDiffusionPipeline.save_lora_weights`,
-        `diffusers_unlearn.lora.save_lora_weights` and `train_unlearn_sd.py`; it goes through the pipeline's own
+        For a Stable Diffusion pipeline the file is in diffusers' pipeline LoRA format (`unet.`-prefixed keys, or
+        `transformer.`-prefixed ones for SD3 and Flux, and `text_encoder.` ones if the text encoder was trained),
+        as written by `StableDiffusionPipeline.save_lora_weights`, `diffusers_unlearn.lora.save_lora_weights`,
+        `save_unlearning_adapter` and `train_unlearn_sd.py`; it goes through the pipeline's own
         `load_lora_weights`. A bare PEFT file from `unet.save_lora_adapter` (no prefix) loads into the UNet.
         Keys that match no layer raise `ValueError` (diffusers would only warn) and leave the pipeline unchanged.
 
@@ -107,11 +124,12 @@ class UnlearningMixin:
             'forget-podcast'
         """
         path = _resolve_adapter_file(path_or_repo, weight_name, token)
-        metadata = read_lora_metadata(path)
+        name = self._denoiser_name
+        metadata = read_lora_metadata(path, denoiser_prefix=name)
         adapter_name = adapter_name or str(metadata.get("method", "unlearning"))
-        if adapter_name in (getattr(self.unet, "peft_config", None) or {}):
+        if adapter_name in (getattr(self._denoiser, "peft_config", None) or {}):
             raise ValueError(f"The pipeline already has an adapter named {adapter_name!r}; pass another adapter_name.")
-        if self._is_text_to_image and _has_pipeline_prefixes(path):
+        if self._is_text_to_image and _has_pipeline_prefixes(path, name):
             # diffusers' own loader: it also restores a text-encoder adapter stored in the same file, and it
             # converts other published formats. It only warns when keys match no layer, so check afterwards.
             self.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), adapter_name=adapter_name)
@@ -119,27 +137,28 @@ class UnlearningMixin:
         else:
             # A DDPM pipeline, or a bare PEFT file (`unet.save_lora_adapter`) without the `unet.` prefix, which the
             # pipeline loader would silently skip. Our loader takes both layouts and fails on unmatched keys.
-            self.unet = load_lora_weights(self.unet, path, adapter_name=adapter_name)
-        self.unet.requires_grad_(False)
-        self.unet.eval()
+            setattr(self, name, load_lora_weights(self._denoiser, path, adapter_name=adapter_name, denoiser_prefix=name))
+        self._denoiser.requires_grad_(False)
+        self._denoiser.eval()
         self.set_unlearning_strength(strength, adapter_name)
         return adapter_name
 
     def _check_pipeline_adapter_loaded(self, path: str, adapter_name: str) -> None:
-        """Raise (and remove the partial adapter) when the UNet part of a pipeline LoRA file did not fully load."""
+        """Raise (and remove the partial adapter) when the denoiser's part of a pipeline LoRA file did not fully load."""
         from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
         from safetensors import safe_open
 
-        from ..lora import UNET_PREFIX, lora_state_dict
+        from ..lora import lora_state_dict
 
+        prefix = self._denoiser_name
         with safe_open(path, framework="pt", device="cpu") as handle:
-            unet_keys = [k.removeprefix(f"{UNET_PREFIX}.") for k in handle.keys() if k.startswith(f"{UNET_PREFIX}.")]
+            unet_keys = [k.removeprefix(f"{prefix}.") for k in handle.keys() if k.startswith(f"{prefix}.")]
         if not unet_keys:
             if adapter_name not in self.unlearning_adapters and not self._text_encoder_has(adapter_name):
-                raise ValueError(f"{path!r} holds no LoRA weights for this pipeline's UNet or text encoder.")
+                raise ValueError(f"{path!r} holds no LoRA weights for this pipeline's {prefix} or text encoder.")
             return
         expected = set(convert_unet_state_dict_to_peft(dict.fromkeys(unet_keys)).keys())
-        loaded = set(lora_state_dict(self.unet, adapter_name).keys()) if adapter_name in self.unlearning_adapters else set()
+        loaded = set(lora_state_dict(self._denoiser, adapter_name).keys()) if adapter_name in self.unlearning_adapters else set()
         missing = sorted(expected - loaded)
         if missing:
             try:
@@ -148,7 +167,7 @@ class UnlearningMixin:
                 pass
             raise ValueError(
                 f"{len(missing)} LoRA weights in {path!r} match no layer of the pipeline's "
-                f"{type(self.unet).__name__}, for example {missing[:3]}. Is this adapter for a different model?"
+                f"{type(self._denoiser).__name__}, for example {missing[:3]}. Is this adapter for a different model?"
             )
 
     def _text_encoder_has(self, adapter_name: str) -> bool:
@@ -157,7 +176,8 @@ class UnlearningMixin:
 
     @property
     def unlearning_adapters(self) -> list[str]:
-        return sorted(getattr(self.unet, "peft_config", None) or {})
+        """The names of the adapters attached to the denoiser, sorted."""
+        return sorted(getattr(self._denoiser, "peft_config", None) or {})
 
     def set_unlearning_strength(self, strength: float, adapter_name: Optional[str] = None) -> None:
         """Scale an adapter's effect: 0 is the base model, 1 the unlearned model (built on `set_adapters`)."""
@@ -171,9 +191,9 @@ class UnlearningMixin:
         if adapter_name not in adapters:
             raise ValueError(f"No adapter named {adapter_name!r}; loaded: {adapters}.")
         if self._is_text_to_image:
-            self.set_adapters([adapter_name], adapter_weights=[float(strength)])  # UNet and text encoder alike
+            self.set_adapters([adapter_name], adapter_weights=[float(strength)])  # denoiser and text encoder alike
         else:
-            self.unet.set_adapters([adapter_name], weights=[float(strength)])
+            self._denoiser.set_adapters([adapter_name], weights=[float(strength)])
 
     @property
     def _is_text_to_image(self) -> bool:
@@ -196,7 +216,9 @@ class UnlearningMixin:
         prompts whose generations collapse onto a training image; compare prompts of one model, or a prompt before
         and after `load_unlearning_adapter` / `set_unlearning_strength` (the same seed gives the same noise).
 
-        For a text-to-image pipeline `guidance_scale` defaults to 7.5. For a class-conditional DDPM the "prompts"
+        For a Stable Diffusion pipeline `guidance_scale` defaults to 7.5; SD3 and Flux score the velocity
+        difference ||v(x, prompt) - v(x, "")|| with their own pipeline defaults (SD3: classifier-free guidance 7.0;
+        Flux: the guidance embedding 3.5, the empty prompt through the same guidance-distilled model). For a class-conditional DDPM the "prompts"
         are class labels, scored against the null label with guidance 3.0 by default; an unconditional DDPM has
         nothing to score and raises ValueError. `height` and `width` (text-to-image only) are the image size in
         pixels the trajectories run at; they default to the model's native size, as the pipeline's own call does.
