@@ -19,14 +19,12 @@ evaluation before -> loop -> save, evaluation after, report, card, upload.
 import argparse
 import os
 import time
-from typing import Optional
 
 # Before diffusers and transformers: importing the package filters the two known-harmless messages those
 # libraries print while being imported (diffusers_unlearn/third_party_logs.py), and nothing else.
 import diffusers_unlearn  # noqa: F401  isort: skip
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -62,6 +60,8 @@ from diffusers_unlearn.objectives import (
 from diffusers_unlearn.pipelines.ddpm import ClassConditionalDDPMPipeline, sample_images
 from diffusers_unlearn.training import (
     make_accelerator,
+    check_sharding_arguments,
+    gathered_model,
     save_pipeline_into,
     add_method_arguments,
     check_method_arguments,
@@ -71,7 +71,7 @@ from diffusers_unlearn.training import (
     script_fingerprint,
 )
 from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
-from diffusers_unlearn.unlearner import BatchPool, Unlearner, check_distributed_setup, step_generator, trainable_state_dict
+from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -411,7 +411,9 @@ def main(args):
         validation_steps=args.validation_steps, validate=None if fsdp else run_validation, after_optimizer_step=update_ema,
     )
     # Under FSDP every process takes part in gathering the shards; the main process gets one ordinary UNet.
-    trained = gathered_unet(accelerator, unet, args) if fsdp else None
+    trained = gathered_model(accelerator, unet, lambda: UNet2DModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant,
+        cache_dir=args.cache_dir)) if fsdp else None
 
     # Save, evaluate after, report, card, upload (main process only). The final outputs are written into a
     # staging folder and swapped into --output_dir together, so it never mixes two runs' files.
@@ -495,35 +497,6 @@ def validate(accelerator, args, unet, ema, sample, forget, threshold, step, clas
             tracker.writer.add_image("validation", grid_array(make_grid(images, scale=4)), step, dataformats="HWC")
     logger.info(f"step {step}: {logs}")
     return {"step": step, **{key.split("/", 1)[1]: value for key, value in logs.items()}}
-
-
-def check_sharding_arguments(accelerator, args) -> bool:
-    """True when the launch uses FSDP; refuses, in one line naming the fix, what FSDP here does not support."""
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return False
-    check_distributed_setup(accelerator)
-    if args.train_mode != "full":
-        raise UserInputError(
-            "FSDP is for --train_mode full (LoRA training fits one GPU per process): launch LoRA runs with a DDP "
-            "config such as examples/accelerate_ddp.yaml, or pass --train_mode full."
-        )
-    if args.use_ema:
-        raise UserInputError("--use_ema is not supported under FSDP: leave it out, or launch with DDP.")
-    return True
-
-
-def gathered_unet(accelerator, unet, args) -> Optional[UNet2DModel]:
-    """The FSDP-trained UNet as one ordinary module on the main process (None on the others).
-
-    Every process must call this: the shards are gathered (on the CPU) and loaded into a fresh copy of the base
-    UNet, which has every weight, so the evaluation and the saved pipeline see whole, unsharded weights."""
-    state = trainable_state_dict(accelerator.unwrap_model(unet))
-    if not accelerator.is_main_process:
-        return None
-    model = UNet2DModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision,
-                                        variant=args.variant, cache_dir=args.cache_dir)
-    model.load_state_dict(state)  # strict: a full fine-tune trains (and so gathers) every weight
-    return model.to(accelerator.device)
 
 
 def save_full_pipeline(model, scheduler, staged, is_conditional):

@@ -29,6 +29,7 @@ import time
 # Before diffusers and transformers: importing the package filters the two known-harmless messages those
 # libraries print while being imported (diffusers_unlearn/third_party_logs.py), and nothing else.
 import diffusers_unlearn  # noqa: F401  isort: skip
+import diffusers
 import torch
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, DiffusionPipeline
@@ -54,6 +55,8 @@ from diffusers_unlearn.objectives import DenoisingBatch, Denoiser, get_objective
 from diffusers_unlearn.pipelines.text_to_image import generate_images
 from diffusers_unlearn.training import (
     make_accelerator,
+    check_sharding_arguments,
+    gathered_model,
     save_pipeline_into,
     add_method_arguments,
     check_method_arguments,
@@ -357,6 +360,7 @@ def main(args):
     started = time.time()
     check_inputs(args)
     accelerator = make_accelerator(args)
+    fsdp = check_sharding_arguments(accelerator, args)
     if args.scale_lr:  # as train_text_to_image_lora.py, once the number of processes is known
         args.learning_rate = scaled_learning_rate(args.learning_rate, args.gradient_accumulation_steps, args.train_batch_size, accelerator.num_processes)
     repo_id = args.hub_model_id
@@ -619,19 +623,31 @@ def main(args):
         logger.info(f"step {step}: {logs}")
         return {"step": step, **{key.split("/", 1)[1]: value for key, value in logs.items()}}
 
+    if fsdp:  # a sharded model samples only with every process taking part; validation runs on the main one
+        logger.info("FSDP: no validation during training (the full evaluation before and after still runs).")
+
     validation_history = run_unlearning_loop(
         accelerator, unlearner, forget_pool, keep_pool,
         output_dir=args.output_dir, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
         seed=args.seed, start_step=start_step, gradient_accumulation_steps=args.gradient_accumulation_steps,
         checkpointer=checkpointer, checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit, validation_history=validation_history,
-        validation_steps=args.validation_steps, validate=validate,
+        validation_steps=args.validation_steps, validate=None if fsdp else validate,
     )
+
+    def base_denoiser():  # a fresh float32 copy of the base denoiser, for the gathered weights
+        return getattr(diffusers, family.denoiser_class_name).from_pretrained(
+            path, subfolder=family.denoiser_name, torch_dtype=torch.float32, revision=revision, variant=args.variant,
+            cache_dir=args.cache_dir,
+        )
+
+    # Under FSDP every process takes part in gathering the shards; the main process gets one ordinary denoiser.
+    trained = gathered_model(accelerator, unet, base_denoiser) if fsdp else None
 
     # Save, evaluate after, report, card, upload (main process only). The final outputs are written into a
     # staging folder and swapped into --output_dir together, so it never mixes two runs' files.
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
+        model = trained if fsdp else accelerator.unwrap_model(unet)
         # The pipeline holds the same text encoder objects (LoRA is injected in place).
         for module in (vae, *text_encoders.values()):
             module.to(device)

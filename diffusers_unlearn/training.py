@@ -33,7 +33,7 @@ from .checkpoints import (
     run_fingerprint,
 )
 from .outputs import StagedRun
-from .unlearner import BatchPool, Unlearner, step_generator
+from .unlearner import BatchPool, Unlearner, check_distributed_setup, step_generator, trainable_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,41 @@ def make_accelerator(args: argparse.Namespace):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     return accelerator
+
+
+def check_sharding_arguments(accelerator, args: argparse.Namespace) -> bool:
+    """True when the launch uses FSDP; refuses, in one line naming the fix, what FSDP here does not support."""
+    from accelerate.utils import DistributedType
+
+    from .errors import UserInputError
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    check_distributed_setup(accelerator)
+    if args.train_mode != "full":
+        raise UserInputError(
+            "FSDP is for --train_mode full (LoRA training fits one GPU per process): launch LoRA runs with a DDP "
+            "config such as examples/accelerate_ddp.yaml, or pass --train_mode full."
+        )
+    if getattr(args, "use_ema", False):
+        raise UserInputError("--use_ema is not supported under FSDP: leave it out, or launch with DDP.")
+    return True
+
+
+def gathered_model(
+    accelerator, model: torch.nn.Module, load_base: Callable[[], torch.nn.Module]
+) -> Optional[torch.nn.Module]:
+    """The FSDP-trained `model` as one ordinary module on the main process (None on the others).
+
+    Every process must call this: the shards are gathered (on the CPU) and loaded into `load_base()`, a fresh copy
+    of the base model, which has every weight, so the evaluation and the saved pipeline see whole, unsharded
+    weights."""
+    state = trainable_state_dict(accelerator.unwrap_model(model))
+    if not accelerator.is_main_process:
+        return None
+    base = load_base()
+    base.load_state_dict(state)  # strict: a full fine-tune trains (and so gathers) every weight
+    return base.to(accelerator.device)
 
 
 def save_pipeline_into(pipeline, staged: StagedRun) -> None:
