@@ -486,7 +486,7 @@ def main(args):
         if args.noise_norm_generations and family.has_noise_norm_score:
             from diffusers_unlearn.metrics import noise_norm_per_prompt
 
-            scores = noise_norm_per_prompt(pipe, forget_prompts + toy_prompts, args.noise_norm_generations, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution)
+            scores = noise_norm_per_prompt(pipe, forget_prompts + toy_prompts, args.noise_norm_generations, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution, max_sequence_length=family.options().get("max_sequence_length"))
             for prompt, score in zip(forget_prompts + toy_prompts, scores):
                 per_prompt.setdefault(prompt, {})["noise_norm"] = score
             report["noise_norm"] = sum(scores[: len(forget_prompts)]) / len(forget_prompts)
