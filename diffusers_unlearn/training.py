@@ -141,7 +141,15 @@ def gathered_model(
     if not accelerator.is_main_process:
         return None
     base = load_base()
-    base.load_state_dict(state)  # strict: a full fine-tune trains (and so gathers) every weight
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    # A full fine-tune trains (and so gathers) every parameter; buffers (SD3's fixed positional embedding) are
+    # not trained and stay the base copy's.
+    not_gathered = set(missing) & {name for name, _ in base.named_parameters()}
+    if not_gathered or unexpected:
+        raise RuntimeError(
+            f"The gathered weights do not fit the base model: parameters not gathered {sorted(not_gathered)[:3]}, "
+            f"unknown names {sorted(unexpected)[:3]}."
+        )
     return base.to(accelerator.device)
 
 

@@ -1,8 +1,9 @@
-"""train_unlearn_sd.py under FSDP2 on two CPU processes (gloo): a full fine-tune of a tiny Stable Diffusion (and
-SDXL) pipeline saves the same whole UNet as the DDP run, and LoRA is refused in one line."""
+"""train_unlearn_sd.py under FSDP2 on two CPU processes (gloo): a full fine-tune of a tiny SD 1.x, SDXL, SD3 or Flux
+pipeline saves the same whole denoiser as the DDP run, and LoRA is refused in one line."""
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,19 +15,17 @@ from safetensors.torch import load_file
 
 from test_fsdp import EXAMPLES, fsdp_environment, launch
 from test_train_flow import args_for  # the quick arguments, with two forget images f0.png, f1.png
-from tiny_models import save_tiny_sd_pipeline, save_tiny_sdxl_pipeline
+from tiny_models import save_tiny_flux_pipeline, save_tiny_sd3_pipeline, save_tiny_sd_pipeline, save_tiny_sdxl_pipeline
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))  # the scripts
-UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
-#: family: (saver, frozen components with their weight file names, torchrun ports for the FSDP and DDP runs)
+VAE, CLIP, SECOND = "vae/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model"
+#: family: (saver, the denoiser's weights, the frozen components' weights, torchrun ports for the FSDP and DDP runs)
 MODELS = {
-    "sd": (save_tiny_sd_pipeline, {"vae": "diffusion_pytorch_model", "text_encoder": "model"}, (29541, 29542)),
-    "sdxl": (
-        save_tiny_sdxl_pipeline,
-        {"vae": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"},
-        (29543, 29544),
-    ),
+    "sd": (save_tiny_sd_pipeline, "unet/diffusion_pytorch_model", (VAE, CLIP), (29541, 29542)),
+    "sdxl": (save_tiny_sdxl_pipeline, "unet/diffusion_pytorch_model", (VAE, CLIP, SECOND), (29543, 29544)),
+    "sd3": (partial(save_tiny_sd3_pipeline, with_t5=False), "transformer/diffusion_pytorch_model", (VAE, CLIP, SECOND), (29545, 29546)),
+    "flux": (save_tiny_flux_pipeline, "transformer/diffusion_pytorch_model", (VAE, CLIP, SECOND), (29547, 29548)),
 }
 
 
@@ -41,7 +40,7 @@ def fsdp_sd_environment() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_sd")
-    for family, (save, _, _) in MODELS.items():
+    for family, (save, *_) in MODELS.items():
         save(root / family)
     rng = np.random.default_rng(0)
     for i in range(2):
@@ -52,9 +51,9 @@ def workspace(tmp_path_factory):
 @pytest.mark.parametrize("family", list(MODELS))
 def test_full_fine_tune_under_fsdp_equals_ddp(workspace, tmp_path, family):
     """Two steps of SISS (fixed-norm combiner, AdamW) on two processes: the pipeline saved under FSDP2 holds whole
-    UNet weights equal to those the same run saves under DDP, and its checkpoint holds the same weights."""
+    denoiser weights equal to those the same run saves under DDP, and its checkpoint holds the same weights."""
     extra = ["--train_mode", "full", "--learning_rate", "1e-3", "--checkpointing_steps", "2"]
-    _, frozen, (fsdp_port, ddp_port) = MODELS[family]
+    _, denoiser, frozen, (fsdp_port, ddp_port) = MODELS[family]
     fsdp = launch(HERE / "fsdp_sd_script_launcher.py", args_for(workspace, family, tmp_path / "fsdp", *extra),
                   fsdp_port, **fsdp_sd_environment())
     ddp = launch(HERE.parent / "train_unlearn_sd.py", args_for(workspace, family, tmp_path / "ddp", *extra), ddp_port)
@@ -63,21 +62,23 @@ def test_full_fine_tune_under_fsdp_equals_ddp(workspace, tmp_path, family):
     assert "FSDP" not in ddp.stderr
     report = json.loads((tmp_path / "fsdp" / "unlearning_report.json").read_text())
     assert report["num_processes"] == 2 and report["train_mode"] == "full" and report["model_family"] == family
-    assert report["metrics"]["after"]["memorization_rate"] is not None  # evaluated after training, on the whole UNet
-    base = load_file(str(workspace / family / UNET_FILE))
-    sharded = load_file(str(tmp_path / "fsdp" / UNET_FILE))
-    replicated = load_file(str(tmp_path / "ddp" / UNET_FILE))
+    assert report["metrics"]["after"]["memorization_rate"] is not None  # evaluated after training, on the whole denoiser
+    base, sharded, replicated = (load_file(str(folder / f"{denoiser}.safetensors"))
+                                 for folder in (workspace / family, tmp_path / "fsdp", tmp_path / "ddp"))
     checkpoint = load_file(str(tmp_path / "fsdp" / "checkpoint-2" / "trainable_weights.safetensors"))
     assert sharded.keys() == base.keys() == replicated.keys()
     assert max(float((sharded[k] - base[k]).abs().max()) for k in base) > 1e-4  # trained
     for key in base:
         assert sharded[key].shape == base[key].shape, key  # whole, unsharded tensors
         torch.testing.assert_close(sharded[key], replicated[key], rtol=0, atol=1e-5)  # steps are ~1e-3
-        torch.testing.assert_close(checkpoint[key], sharded[key], rtol=0, atol=0)
+        if key in checkpoint:  # the trained parameters; not the buffers (SD3's positional embedding)
+            torch.testing.assert_close(checkpoint[key], sharded[key], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(sharded[key], base[key], rtol=0, atol=0)
+    assert checkpoint.keys() <= base.keys() and len(checkpoint) >= len(base) - 1
     # The rest of the pipeline is the base model's.
-    for component, name in frozen.items():
-        file = Path(component) / f"{name}.safetensors"
-        saved, original = load_file(str(tmp_path / "fsdp" / file)), load_file(str(workspace / family / file))
+    for component in frozen:
+        saved, original = (load_file(str(folder / f"{component}.safetensors")) for folder in (tmp_path / "fsdp", workspace / family))
         assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in original), component
 
 
@@ -96,3 +97,25 @@ def test_lora_under_fsdp_is_refused_in_one_line(workspace, tmp_path, monkeypatch
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("train_unlearn_sd.py: error: FSDP is for --train_mode full")
     assert "examples/accelerate_ddp.yaml, or pass --train_mode full." in errors[0]
+
+
+def test_gathered_model_keeps_the_base_buffers_and_refuses_missing_parameters():
+    """SD3's transformer has a persistent buffer (its positional embedding) that no gathered state holds: the base
+    copy's stays; a parameter that was not gathered is an error, never the base value silently."""
+    from diffusers_unlearn.training import gathered_model
+
+    class WithBuffer(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+            torch.nn.init.constant_(self.linear.weight, value)
+            self.register_buffer("table", torch.full((3,), value))
+
+    trained = WithBuffer(1.0)
+    main = SimpleNamespace(unwrap_model=lambda model: model, is_main_process=True, device=torch.device("cpu"))
+    model = gathered_model(main, trained, lambda: WithBuffer(0.0))
+    assert torch.equal(model.linear.weight, trained.linear.weight) and torch.equal(model.table, torch.zeros(3))
+    assert gathered_model(SimpleNamespace(**{**vars(main), "is_main_process": False}), trained, lambda: WithBuffer(0.0)) is None
+    trained.linear.bias.requires_grad_(False)  # not trained, so not gathered
+    with pytest.raises(RuntimeError, match=r"parameters not gathered \['linear.bias'\]"):
+        gathered_model(main, trained, lambda: WithBuffer(0.0))
