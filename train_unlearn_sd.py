@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Remove memorized training images from a Stable Diffusion (1.x, 2.x, XL) model, as a LoRA adapter or a full
-fine-tune.
+"""Remove memorized training images from a Stable Diffusion (1.x, 2.x, XL, 3.x) or Flux.1 model, as a LoRA
+adapter or a full fine-tune.
 
 Modeled on diffusers' examples/text_to_image/train_text_to_image_lora.py (and, for SDXL,
-train_text_to_image_lora_sdxl.py). The model family comes from the folder's model_index.json (override with
+train_text_to_image_lora_sdxl.py; for SD3 and Flux, the flags of train_dreambooth_lora_sd3.py / _flux.py). The model family comes from the folder's model_index.json (override with
 --model_family); everything family-specific (components, prompt encoding, latents, denoiser call, adapter
 layout) lives in diffusers_unlearn/families/. With no arguments it
 mitigates the canary memorization of the bundled tiny text-to-image pipeline with SISS and LoRA,
@@ -139,7 +139,7 @@ def parse_args(argv=None):
     # Unlearning.
     add_method_arguments(parser)
     parser.add_argument("--train_mode", type=str, default="lora", choices=["lora", "full"])
-    parser.add_argument("--train_text_encoder", action="store_true", help="LoRA on the text encoder(s) too, both of SDXL's (--train_mode lora only).")
+    parser.add_argument("--train_text_encoder", action="store_true", help="LoRA on the CLIP text encoder(s) too: SD's one, SDXL's and SD3's two, Flux's one; never T5 (--train_mode lora only).")
     # Evaluation.
     parser.add_argument("--num_eval_images", type=int, default=64, help="Generations per forget prompt for the memorization rate, before and after (same seeds).")
     parser.add_argument("--num_inference_steps", type=int, default=25)
@@ -517,9 +517,9 @@ def main(args):
     # The VAE and the text encoders are not needed again until evaluation: off the accelerator. (The VAE stays when
     # training images are cropped or flipped anew at every draw, and so encoded at every draw.)
     augmented = {name: unlearn_data.needs_augmented_pool(image_set, resolution, args.center_crop, args.random_flip) for name, image_set in (("forget", forget), ("keep", keep))}
-    if augmented["forget"] or augmented["keep"]:
-        logger.info(f"Per-draw crops/flips (VAE encoding each draw) for: {', '.join(name for name, on in augmented.items() if on)}.")
     vae_stays = augmented["forget"] or augmented["keep"]
+    if vae_stays:
+        logger.info(f"Per-draw crops/flips (VAE encoding each draw) for: {', '.join(name for name, on in augmented.items() if on)}.")
     if not vae_stays:
         vae.to("cpu")
     if not args.train_text_encoder:

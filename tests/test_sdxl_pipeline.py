@@ -61,6 +61,13 @@ def test_unlearn_makes_its_own_keep_set(pipe):
     assert pipe.unlearning_adapters == ["siss"]
 
 
+def test_unlearn_takes_module_names_as_lora_targets(pipe):
+    forget = [(torch.rand(3, 16, 16) * 2 - 1, "a digit seven")]
+    keep = [(torch.rand(3, 16, 16) * 2 - 1, "a photo of a cat")]
+    pipe.unlearn(forget, keep=keep, max_train_steps=1, train_batch_size=1, lora_targets="to_q,to_v")
+    assert set(pipe.unet.peft_config["siss"].target_modules) == {"to_q", "to_v"}
+
+
 def test_noise_norm_matches_a_hand_computed_one_step_value(pipe):
     cond, uncond = _sdxl_conditioning(pipe, ["a digit seven", "a photo of a cat"], "cpu", torch.float32, (16, 16))
     assert torch.equal(uncond["encoder_hidden_states"], torch.zeros_like(uncond["encoder_hidden_states"]))

@@ -17,8 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 import train_unlearn_sd as script  # noqa: E402
 
-from test_families import diffusers_warnings  # noqa: E402
-from tiny_models import quick_sd_script_args, save_tiny_flux_pipeline, save_tiny_sd3_pipeline  # noqa: E402
+from tiny_models import check_script_adapter_in_plain_pipeline, quick_sd_script_args, save_tiny_flux_pipeline, save_tiny_sd3_pipeline  # noqa: E402
 
 PROMPTS = ["a digit seven", "a photo of a cat"]
 MODELS = {"sd3": {}, "sd3_t5": {"with_t5": True}, "flux": {}}
@@ -56,8 +55,6 @@ def plain_pipeline(workspace, model):
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_lora_with_text_encoders_loads_into_the_plain_pipeline(workspace, tmp_path, model, fresh_accelerate_state):
-    from peft.utils import get_peft_model_state_dict
-
     out = tmp_path / "lora"
     run(args_for(workspace, model, out, "--train_text_encoder", "--weighting_scheme", "logit_normal"))
     report = json.loads((out / "unlearning_report.json").read_text())
@@ -69,20 +66,7 @@ def test_lora_with_text_encoders_loads_into_the_plain_pipeline(workspace, tmp_pa
     assert any(t.abs().sum() > 0 for k, t in saved.items() if k.startswith("transformer.") and "lora_B" in k)
     assert any(k.startswith("transformer.") and ".add_q_proj." in k for k in saved)  # the family's joint-attention preset
 
-    pipe = plain_pipeline(workspace, model)
-    with diffusers_warnings() as warnings:
-        pipe.load_lora_weights(str(out), adapter_name="unlearned")
-    assert not [m for m in warnings if "unexpected" in m.lower() or "missing" in m.lower()], warnings
-    for prefix in prefixes:
-        loaded = get_peft_model_state_dict(getattr(pipe, prefix), adapter_name="unlearned")
-        expected = {k.removeprefix(prefix + "."): v for k, v in saved.items() if k.startswith(prefix + ".")}
-        assert loaded.keys() == expected.keys(), prefix
-        assert all(torch.equal(loaded[k], expected[k]) for k in loaded), prefix
-    pipe.set_adapters(["unlearned"], adapter_weights=[0.5])
-    pipe.fuse_lora()
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(PROMPTS[0], height=16, width=16, num_inference_steps=2, output_type="np").images
-    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+    check_script_adapter_in_plain_pipeline(plain_pipeline(workspace, model), out, saved, prefixes, height=16, width=16)
 
 
 @pytest.mark.parametrize("model", ["sd3", "flux"])

@@ -18,8 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import train_unlearn_sd as script  # noqa: E402
 
-from test_families import diffusers_warnings  # noqa: E402
-from tiny_models import quick_sd_script_args, save_tiny_sdxl_pipeline, tiny_vae  # noqa: E402
+from tiny_models import check_script_adapter_in_plain_pipeline, quick_sd_script_args, save_tiny_sdxl_pipeline, tiny_vae  # noqa: E402
 
 PROMPTS = ["a digit seven", "a photo of a cat"]
 
@@ -43,12 +42,6 @@ def run(args):
     script.main(script.parse_args(args))
 
 
-def lora_tensors(module, adapter_name):
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(module, adapter_name=adapter_name)
-
-
 def test_lora_with_both_text_encoders_loads_into_plain_sdxl(workspace, tmp_path, fresh_accelerate_state):
     from diffusers import StableDiffusionXLPipeline
 
@@ -64,19 +57,7 @@ def test_lora_with_both_text_encoders_loads_into_plain_sdxl(workspace, tmp_path,
         assert any(t.abs().sum() > 0 for k, t in saved.items() if k.startswith(prefix + ".") and "lora_B" in k), prefix
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(workspace / "model"))
-    with diffusers_warnings() as warnings:
-        pipe.load_lora_weights(str(out), adapter_name="unlearned")
-    assert not [m for m in warnings if "unexpected" in m.lower() or "missing" in m.lower()], warnings
-    for prefix in ("unet", "text_encoder", "text_encoder_2"):
-        loaded = lora_tensors(getattr(pipe, prefix), "unlearned")
-        expected = {k.removeprefix(prefix + "."): v for k, v in saved.items() if k.startswith(prefix + ".")}
-        assert loaded.keys() == expected.keys(), prefix
-        assert all(torch.equal(loaded[k], expected[k]) for k in loaded), prefix
-    pipe.set_adapters(["unlearned"], adapter_weights=[0.5])
-    pipe.fuse_lora()
-    pipe.set_progress_bar_config(disable=True)
-    image = pipe(PROMPTS[0], num_inference_steps=2, output_type="np").images
-    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+    check_script_adapter_in_plain_pipeline(pipe, out, saved, ("unet", "text_encoder", "text_encoder_2"))
 
     # Our pipeline loads the same folder by the method's name, into all three components, at a strength.
     from diffusers_unlearn.pipelines import UnlearnStableDiffusionXLPipeline

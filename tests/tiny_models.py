@@ -344,3 +344,27 @@ def quick_sd_script_args(model_path, output_dir, forget_images, prompts, *extra)
         "--siss_scaling_norm", "0.5",
         *extra,
     ]
+
+
+def check_script_adapter_in_plain_pipeline(pipe, folder, saved, prefixes, **call) -> None:
+    """The adapter a script wrote to `folder` (its tensors `saved`) loads into the plain pipeline `pipe` with no
+    key missing or unexpected and equal tensors in every component of `prefixes`; `set_adapters(0.5)` and
+    `fuse_lora` take it, and the fused pipeline generates a finite 16x16 image (`call`: extra pipeline arguments)."""
+    import numpy as np
+    from peft.utils import get_peft_model_state_dict
+
+    from test_families import diffusers_warnings
+
+    with diffusers_warnings() as warnings:
+        pipe.load_lora_weights(str(folder), adapter_name="unlearned")
+    assert not [m for m in warnings if "unexpected" in m.lower() or "missing" in m.lower()], warnings
+    for prefix in prefixes:
+        loaded = get_peft_model_state_dict(getattr(pipe, prefix), adapter_name="unlearned")
+        expected = {k.removeprefix(prefix + "."): v for k, v in saved.items() if k.startswith(prefix + ".")}
+        assert loaded.keys() == expected.keys(), prefix
+        assert all(torch.equal(loaded[k], expected[k]) for k in loaded), prefix
+    pipe.set_adapters(["unlearned"], adapter_weights=[0.5])
+    pipe.fuse_lora()
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a digit seven", num_inference_steps=2, output_type="np", **call).images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()

@@ -113,10 +113,13 @@ class FamilyUnlearningMixin(UnlearningMixin):
             )
 
         forget_pool, keep_pool = pool(forget_images, forget_prompts), pool(keep_images, kept_prompts)
+        targets = lora_targets or "attention"
+        if targets in family.lora_target_presets:  # otherwise module names, as `lora.resolve_lora_targets` reads them
+            targets = family.lora_targets(targets)
         trained, _ = train_adapter(
             denoiser, family.schedule(components), forget_pool, keep_pool, method=method,
             hyperparameters=hyperparameters, max_train_steps=max_train_steps, train_batch_size=train_batch_size,
-            learning_rate=learning_rate, rank=rank, lora_targets=family.lora_targets(lora_targets or "attention"),
+            learning_rate=learning_rate, rank=rank, lora_targets=targets,
             adapter_name=adapter_name, seed=seed, call=family.call,
         )
         setattr(self, family.denoiser_name, trained)
