@@ -72,7 +72,8 @@ def test_lora_with_text_encoders_loads_into_the_plain_pipeline(workspace, tmp_pa
 @pytest.mark.parametrize("model", ["sd3", "flux"])
 def test_bf16_lora_trains_a_float32_adapter(workspace, tmp_path, model, fresh_accelerate_state):
     out = tmp_path / "bf16"
-    run(args_for(workspace, model, out, "--mixed_precision", "bf16", "--noise_norm_generations", "1", "--max_sequence_length", "16"))
+    # As the docs' commands run them: bf16, 8-bit AdamW, gradient checkpointing.
+    run(args_for(workspace, model, out, "--mixed_precision", "bf16", "--use_8bit_adam", "--gradient_checkpointing", "--noise_norm_generations", "1", "--max_sequence_length", "16"))
     saved = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.float32}
     assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
