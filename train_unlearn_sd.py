@@ -32,6 +32,7 @@ import diffusers_unlearn  # noqa: F401  isort: skip
 import diffusers
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -53,6 +54,7 @@ from diffusers_unlearn.metrics import denoising_losses, memorization_rate, mia_a
 from diffusers_unlearn.outputs import StagedRun, check_output_dir, exclusive_output_dir
 from diffusers_unlearn.objectives import DenoisingBatch, Denoiser, get_objective, hyperparameters_from_flags
 from diffusers_unlearn.pipelines.text_to_image import generate_images
+from diffusers_unlearn.quantization import check_bnb_environment, quantization_fingerprint_entries, quantization_summary, read_bnb_quantization_config
 from diffusers_unlearn.training import (
     make_accelerator,
     check_sharding_arguments,
@@ -116,6 +118,7 @@ def parse_args(argv=None):
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     # Memory and precision.
     parser.add_argument("--use_8bit_adam", action="store_true")
+    parser.add_argument("--bnb_quantization_config_path", type=str, default=None, help="A JSON file of diffusers BitsAndBytesConfig arguments (examples/nf4_config.json: 4-bit NF4) that quantises the frozen denoiser for LoRA (QLoRA), as train_dreambooth_lora_flux.py's flag; 8-bit (load_in_8bit) works too. bnb_4bit_compute_dtype defaults to the --mixed_precision dtype. Needs a CUDA GPU and bitsandbytes; --train_mode lora only.")
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="As in train_text_to_image_lora.py: frozen weights in this dtype, trained ones (LoRA, or the whole UNet with --train_mode full) in float32, forward passes under autocast. A VAE with force_upcast stays float32 under fp16.")
     parser.add_argument("--allow_tf32", action="store_true")
     parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
@@ -174,6 +177,16 @@ def parse_args(argv=None):
         parser.error("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         parser.error('--use_8bit_adam needs bitsandbytes: pip install "bitsandbytes>=0.50" (or pip install "diffusers-unlearn[bnb]").')
+    args.bnb_quantization_config = None
+    if args.bnb_quantization_config_path is not None:
+        if args.train_mode != "lora":
+            parser.error("--bnb_quantization_config_path quantises a frozen base for LoRA: use --train_mode lora, or leave the flag out for full fine-tuning.")
+        compute_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+        try:
+            args.bnb_quantization_config = read_bnb_quantization_config(args.bnb_quantization_config_path, compute_dtype)
+            check_bnb_environment(args.bnb_quantization_config)
+        except UserInputError as error:
+            parser.error(str(error))
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         parser.error("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (SDPA, the default, needs nothing).")
     if args.train_text_encoder and args.train_mode != "lora":
@@ -360,6 +373,8 @@ def main(args):
     started = time.time()
     check_inputs(args)
     accelerator = make_accelerator(args)
+    if args.bnb_quantization_config is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise UserInputError("--bnb_quantization_config_path does not work under FSDP (a quantised base cannot be sharded here): launch the LoRA run with DDP (examples/accelerate_ddp.yaml) or on one GPU.")
     fsdp = check_sharding_arguments(accelerator, args)
     if args.scale_lr:  # as train_text_to_image_lora.py, once the number of processes is known
         args.learning_rate = scaled_learning_rate(args.learning_rate, args.gradient_accumulation_steps, args.train_batch_size, accelerator.num_processes)
@@ -387,6 +402,7 @@ def main(args):
     components = family.load(
         path, weight_dtype, revision=revision, variant=args.variant, vae_path=args.pretrained_vae_model_name_or_path,
         cache_dir=args.cache_dir, denoiser_dtype=weight_dtype if args.train_mode == "lora" else torch.float32,
+        quantization_config=args.bnb_quantization_config,
     )
     resolution = args.resolution or family.native_resolution(components)[0]
     if args.guidance_scale is None:
@@ -451,7 +467,7 @@ def main(args):
     if objective.needs_keep and len(keep) == 0:
         raise UserInputError(f"--method {args.method} needs a keep set.")
     # A checkpoint of another run (other data, method or settings) is refused before any evaluation.
-    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution, model_family=family.name, family_options=family.options(), vae=args.pretrained_vae_model_name_or_path, **official_fingerprint_entries(args))
+    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution, model_family=family.name, family_options=family.options(), vae=args.pretrained_vae_model_name_or_path, **official_fingerprint_entries(args), **quantization_fingerprint_entries(args.bnb_quantization_config))
     resume_path = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, fingerprint, args.max_train_steps)
 
     # Evaluation (main process), before training; the same seeds after training.
@@ -685,6 +701,7 @@ def main(args):
             "train_batch_size": args.train_batch_size,
             "learning_rate": args.learning_rate,
             "training_options": official_fingerprint_entries(args),
+            "bnb_quantization": quantization_summary(args.bnb_quantization_config),
             "resolution": resolution,
             "memorization_threshold": threshold,
             "num_processes": accelerator.num_processes,

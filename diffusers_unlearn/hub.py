@@ -84,6 +84,14 @@ def write_model_card(
     per_prompt = ""
     if report.get("per_prompt"):
         per_prompt = "\n### Per prompt\n\n" + prompt_table(report["per_prompt"]) + "\n"
+    quantized = ""
+    settings = report.get("bnb_quantization")
+    if settings:  # --bnb_quantization_config_path: the base the adapter was trained on
+        bits = f"a 4-bit {settings.get('bnb_4bit_quant_type', '').upper()}" if settings.get("load_in_4bit") else "an 8-bit"
+        quantized = (
+            f"\nTrained on {bits} bitsandbytes-quantised base (`{json.dumps(settings, sort_keys=True)}`); "
+            "the adapter loads into the unquantised base as below.\n"
+        )
     gallery = ""
     for caption, file_name in (images or {}).items():
         gallery += f"\n**{caption}**\n\n![{caption}](./{file_name})\n"
@@ -101,7 +109,7 @@ Trained for {report.get('max_train_steps', '?')} steps (seed {report.get('seed')
 Forgotten items (SHA-256 of the decoded pixels): {', '.join(i['sha256'][:16] + '…' for i in items[:10])}
 
 Hyperparameters: `{json.dumps(report.get('hyperparameters', {}), sort_keys=True)}`
-{gallery}
+{quantized}{gallery}
 ## How to use
 
 {loading}

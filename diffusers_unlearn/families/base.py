@@ -170,6 +170,7 @@ class ModelFamily:
         vae_path: Optional[str | os.PathLike] = None,
         cache_dir: Optional[str] = None,
         denoiser_dtype: Optional[torch.dtype] = None,
+        quantization_config: Optional[Any] = None,
     ) -> dict[str, Any]:
         """Load the components the family trains with, frozen (`requires_grad=False`), on the CPU.
 
@@ -179,6 +180,10 @@ class ModelFamily:
         the VAE from a separate folder or repository without a subfolder, as the official scripts'
         `--pretrained_vae_model_name_or_path` does (for example an fp16-fixed SDXL VAE). The scheduler is the
         pipeline's own, so a pipeline rebuilt from these components samples like the original.
+
+        `quantization_config` (a `diffusers.BitsAndBytesConfig`) quantises the denoiser only, for LoRA on a
+        4-bit or 8-bit base (`diffusers_unlearn.quantization`); diffusers then places it on the GPU, and its
+        non-quantised weights get `denoiser_dtype`/`dtype`.
 
         Example:
             >>> components = get_family("sd").load("path/to/sd15", torch.float16)  # doctest: +SKIP
@@ -213,7 +218,8 @@ class ModelFamily:
 
         denoiser_class = getattr(diffusers, self.denoiser_class_name)
         components[self.denoiser_name] = denoiser_class.from_pretrained(
-            path, subfolder=self.denoiser_name, torch_dtype=denoiser_dtype or dtype, **weights
+            path, subfolder=self.denoiser_name, torch_dtype=denoiser_dtype or dtype,
+            quantization_config=quantization_config, **weights,
         ).requires_grad_(False)
 
         if vae_path is None:
