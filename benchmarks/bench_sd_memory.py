@@ -1,4 +1,5 @@
-"""Peak memory and step time of one SISS step on a Stable Diffusion UNet (random weights, no download).
+"""Peak memory and step time of one SISS step on a Stable Diffusion UNet or an SD3/Flux transformer (random
+weights, no download).
 
 `--family sd15` (default) builds SD 1.5's published UNet2DConditionModel config; each step trains on one
 forget/keep pair (batch 1 each) at 512 px (64x64x4 latents, 77x768 text embeddings).
