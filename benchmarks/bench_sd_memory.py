@@ -429,11 +429,11 @@ def run_one(args) -> dict:
         bf16 = getattr(args, "mixed_precision", "bf16") == "bf16"
         accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
         if args.setup == "lora":
-            if bnb_4bit:  # the built float32 model is saved and freed before its NF4 copy loads
+            if bnb_4bit:  # the built model is saved in bf16 (it loads in bf16) and freed before its NF4 copy loads
                 import tempfile
 
                 with tempfile.TemporaryDirectory() as folder:
-                    unet.save_pretrained(folder)
+                    unet.to(torch.bfloat16).save_pretrained(folder)  # full-size Flux: 24 GB on disk, not 48
                     del unet
                     unet = load_nf4(folder, args.family, device)
             unet.requires_grad_(False)
