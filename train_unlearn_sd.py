@@ -197,25 +197,29 @@ def parse_args(argv=None):
     if args.keep_from_generations is not None and args.keep_from_generations < 1:
         parser.error("--keep_from_generations must be >= 1.")
 
-    args.using_toy = args.pretrained_model_name_or_path is None
-    if args.using_toy:
-        from diffusers_unlearn.toy import toy_model_path
+    from diffusers_unlearn.toy import toy_info, toy_model_path
 
+    if args.pretrained_model_name_or_path is None:
         args.pretrained_model_name_or_path = toy_model_path("sd_tiny")
+    # A toy folder (sd_tiny, sd3_tiny: it has a diffusers_unlearn_toy.json) gets the toy's canary, evaluation
+    # and defaults.
+    try:
+        toy = toy_info(args.pretrained_model_name_or_path) if os.path.isdir(args.pretrained_model_name_or_path) else None
+    except ValueError as error:
+        parser.error(str(error))
+    args.using_toy = toy is not None
+    if args.using_toy:
+        if args.max_sequence_length is None and "max_sequence_length" in toy:
+            args.max_sequence_length = toy["max_sequence_length"]
         if not given and args.keep_data_dir is None and args.keep_from_generations is None and not (args.dataset_name or args.train_data_dir):
-            args.keep_from_generations = 64
+            args.keep_from_generations = TOY_DEFAULTS[toy["toy"]]["keep_from_generations"]
     elif not given:
         parser.error("Give the images to forget: --forget_data_dir, --forget_images with --forget_prompts, or --memorized_prompts_file.")
-    # The toy's UNet is 0.79M parameters with little attention: LoRA there needs the ResNet convolutions and a
-    # higher rate to remove the canary in 200 steps; leaving attention out disturbs the other prompts least
-    # (measured in docs/results.md).
+    defaults = TOY_DEFAULTS[toy["toy"]] if args.using_toy else REAL_MODEL_DEFAULTS
     if args.lora_targets is None:
-        args.lora_targets = "conv" if args.using_toy else "attention"
+        args.lora_targets = defaults["lora_targets"]
     if args.learning_rate is None:
-        if args.train_mode == "lora":
-            args.learning_rate = 2e-3 if args.using_toy else 1e-3
-        else:
-            args.learning_rate = 1e-4 if args.using_toy else 1e-5
+        args.learning_rate = defaults["learning_rate"][args.train_mode]
     check_number_flags(parser, args)
     check_model_path(args.pretrained_model_name_or_path, model_kinds(args))
     if args.pretrained_vae_model_name_or_path is not None:
@@ -225,6 +229,17 @@ def parse_args(argv=None):
     check_resume_argument(args)
     return args
 
+
+REAL_MODEL_DEFAULTS = {"lora_targets": "attention", "learning_rate": {"lora": 1e-3, "full": 1e-5}}
+# Measured on each toy with LoRA (docs/results.md); the full fine-tuning rates are not tuned. sd_tiny's UNet is
+# 0.79M parameters with little attention: LoRA there needs the ResNet convolutions and a higher rate to remove
+# the canary in 200 steps; leaving attention out disturbs the other prompts least. On sd3_tiny, attention LoRA
+# at 2e-3 or 1e-3 overshoots (other prompts lose up to 5 points); 128 keep generations keep more of the seven
+# prompt's sevens than 64.
+TOY_DEFAULTS = {
+    "sd_tiny": {"lora_targets": "conv", "learning_rate": {"lora": 2e-3, "full": 1e-4}, "keep_from_generations": 64},
+    "sd3_tiny": {"lora_targets": "attention", "learning_rate": {"lora": 5e-4, "full": 1e-4}, "keep_from_generations": 128},
+}
 
 FAMILY_OPTION_FLAGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
 
@@ -314,7 +329,7 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
         keep = unlearn_data.load_text_image_dataset(open_keep_dataset(args), resolution, channels, args.image_column, args.caption_column, interpolation, max_samples=args.max_train_samples, seed=args.seed, name="keep")
     elif args.keep_from_generations:
         prompts = sorted(set(forget.texts))
-        generations = generate_images(pipe, prompts, args.keep_from_generations, seed=args.seed + 1, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)
+        generations = generate_images(pipe, prompts, args.keep_from_generations, seed=args.seed + 1, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution, max_sequence_length=args.sampling_max_sequence_length)
         kept, texts = [], []
         for prompt, images in zip(prompts, generations):
             own = forget.images[[i for i, text in enumerate(forget.texts) if text == prompt]]
@@ -344,7 +359,7 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
 def forget_from_generations(args, pipe, prompts, threshold, resolution):
     """SISS's recipe for memorized prompts without images: per prompt, the generations that collapse onto one
     image are the forget set and the others the keep set (both under that prompt)."""
-    generations = generate_images(pipe, prompts, args.num_forget_generations, seed=args.seed + 2, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)
+    generations = generate_images(pipe, prompts, args.num_forget_generations, seed=args.seed + 2, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution, max_sequence_length=args.sampling_max_sequence_length)
     forget_images, forget_texts, keep_images, keep_texts = [], [], [], []
     for prompt, images in zip(prompts, generations):
         members = unlearn_data.largest_cluster(images, threshold)
@@ -391,6 +406,8 @@ def main(args):
     path, revision = args.pretrained_model_name_or_path, args.revision
     family = family_for_folder(path, args.model_family, revision=revision, cache_dir=args.cache_dir)
     family = family.with_options(**family_options(args, family))
+    # Every evaluation samples with the T5 length the model trains with (SD3, Flux; the toy's own for sd3_tiny).
+    args.sampling_max_sequence_length = family.options().get("max_sequence_length")
     if args.snr_gamma is not None and "weighting_scheme" in family.option_defaults:
         raise UserInputError(f"--snr_gamma weights DDPM losses; the {family.name} family is a flow-matching model: use --weighting_scheme (none, sigma_sqrt, logit_normal, mode, cosmap) as the official SD3/Flux scripts do.")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -489,7 +506,7 @@ def main(args):
         model.eval()
         setattr(pipe, family.denoiser_name, model)
         report, per_prompt = {}, {}
-        generations = generate_images(pipe, forget_prompts, args.num_eval_images, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)
+        generations = generate_images(pipe, forget_prompts, args.num_eval_images, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution, max_sequence_length=args.sampling_max_sequence_length)
         rates = []
         for prompt, images in zip(forget_prompts, generations):
             own = forget.images[[i for i, text in enumerate(forget.texts) if text == prompt]]
@@ -502,7 +519,7 @@ def main(args):
         if args.noise_norm_generations and family.has_noise_norm_score:
             from diffusers_unlearn.metrics import noise_norm_per_prompt
 
-            scores = noise_norm_per_prompt(pipe, forget_prompts + toy_prompts, args.noise_norm_generations, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution, max_sequence_length=family.options().get("max_sequence_length"))
+            scores = noise_norm_per_prompt(pipe, forget_prompts + toy_prompts, args.noise_norm_generations, seed=args.seed, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=resolution, width=resolution, max_sequence_length=args.sampling_max_sequence_length)
             for prompt, score in zip(forget_prompts + toy_prompts, scores):
                 per_prompt.setdefault(prompt, {})["noise_norm"] = score
             report["noise_norm"] = sum(scores[: len(forget_prompts)]) / len(forget_prompts)
@@ -621,7 +638,7 @@ def main(args):
         for module in (vae, *text_encoders.values()):
             module.to(device)
         with accelerator.autocast():
-            images = generate_images(pipe, [validation_prompt], args.num_validation_images, seed=args.seed + 3, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution)[0]
+            images = generate_images(pipe, [validation_prompt], args.num_validation_images, seed=args.seed + 3, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution, max_sequence_length=args.sampling_max_sequence_length)[0]
         if not vae_stays:
             vae.to("cpu")
         if not args.train_text_encoder:
@@ -728,7 +745,7 @@ def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generation
     from diffusers_unlearn.toy.text_to_image import DIGIT_PROMPTS, digit_accuracy
 
     report = {}
-    generations = generate_images(pipe, toy_prompts, args.num_other_prompt_images, seed=args.seed + 5, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution) if toy_prompts else []
+    generations = generate_images(pipe, toy_prompts, args.num_other_prompt_images, seed=args.seed + 5, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution, max_sequence_length=args.sampling_max_sequence_length) if toy_prompts else []
     accuracies = []
     for prompt, images in zip(toy_prompts, generations):
         accuracy = digit_accuracy(classifier, images, DIGIT_PROMPTS.index(prompt))

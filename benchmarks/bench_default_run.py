@@ -2,9 +2,11 @@
 
     python benchmarks/bench_default_run.py            # train_unlearn_ddpm.py (target: <= 180 s on 2 CPU cores)
     python benchmarks/bench_default_run.py --script train_unlearn_sd.py   # target: <= 300 s on 2 CPU cores
+    python benchmarks/bench_default_run.py --script train_unlearn_sd.py --toy sd3_tiny   # the flow toy: <= 120 s
 
 Runs the script in a fresh process exactly as a newcomer would, prints the wall time and the
-before/after summary from the report it wrote.
+before/after summary from the report it wrote. `--toy` passes a bundled toy's folder as
+--pretrained_model_name_or_path (the only argument then given).
 """
 
 from __future__ import annotations
@@ -23,18 +25,25 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="train_unlearn_ddpm.py")
+    parser.add_argument("--toy", default=None, help="a bundled text-to-image toy, e.g. sd3_tiny (train_unlearn_sd.py only)")
     args = parser.parse_args()
+    command = [sys.executable, os.path.join(ROOT, args.script)]
+    if args.toy:
+        from diffusers_unlearn.toy import toy_model_path
+
+        command += ["--pretrained_model_name_or_path", toy_model_path(args.toy)]
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        # No arguments: the default output_dir is created in the working directory.
-        completed = subprocess.run([sys.executable, os.path.join(ROOT, args.script)], cwd=workdir, capture_output=True, text=True)
+        # No other arguments: the default output_dir is created in the working directory.
+        completed = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if completed.returncode != 0:
             print(completed.stderr[-3000:])
             raise SystemExit(f"{args.script} failed with exit code {completed.returncode}")
         outputs = [d for d in os.listdir(workdir) if os.path.isfile(os.path.join(workdir, d, "unlearning_report.json"))]
         report = json.load(open(os.path.join(workdir, outputs[0], "unlearning_report.json")))
-    print(f"{args.script} with no arguments: {wall:.1f} s wall (process start to exit), cpu threads={os.cpu_count()}")
+    given = f"--pretrained_model_name_or_path <{args.toy}>" if args.toy else "no arguments"
+    print(f"{args.script} with {given}: {wall:.1f} s wall (process start to exit), cpu threads={os.cpu_count()}")
     before, after = report["metrics"]["before"], report["metrics"]["after"]
     print(f"{'metric':30s} {'before':>10s} {'after':>10s}")
     keys = ("memorization_rate", "fd", "noise_norm", "other_prompts_noise_norm", "other_prompts_digit_accuracy",
@@ -59,7 +68,7 @@ def main():
                     cells.append(f"{value:17.4f}" if value is not None else f"{'-':>17s}")
             print(f"{prompt:28s} " + " ".join(cells))
     samples = report.get("num_eval_samples", before.get("num_eval_images_per_prompt"))
-    print(json.dumps({"script": args.script, "wall_seconds": wall, "num_eval_samples": samples}))
+    print(json.dumps({"script": args.script, "toy": args.toy, "wall_seconds": wall, "num_eval_samples": samples}))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ the bundled class-conditional model. Prints two tables, writes a quality-vs-forg
 
     python benchmarks/compare_methods.py --output_dir compare-out
     python benchmarks/compare_methods.py --methods siss naive_deletion --max_train_steps 100
+
+With --text_to_image_toy, the same comparison runs through train_unlearn_sd.py on a text-to-image toy
+(sd_tiny, or sd3_tiny for flow matching): each method with the script's toy defaults, one table.
+
+    python benchmarks/compare_methods.py --text_to_image_toy sd3_tiny --output_dir compare-flow
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import train_unlearn_ddpm  # noqa: E402
+import train_unlearn_sd  # noqa: E402
 
 # (label, extra flags). Each run uses the same seeds, steps and evaluation.
 DATA_METHODS = [
@@ -40,6 +46,12 @@ CLASS_METHODS = [
     ("vdu", ["--method", "vdu"]),
     ("siss", ["--method", "siss"]),
 ]
+TEXT_TO_IMAGE_METHODS = [
+    ("naive_deletion", ["--method", "naive_deletion"]),
+    ("neggrad", ["--method", "neggrad"]),
+    ("erasediff", ["--method", "erasediff"]),
+    ("siss", ["--method", "siss"]),
+]
 
 
 def parse_args():
@@ -55,17 +67,55 @@ def parse_args():
     parser.add_argument("--skip_data", action="store_true", help="skip the data-unlearning part")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="keep the reports already in --output_dir instead of rerunning them")
+    parser.add_argument("--text_to_image_toy", choices=["sd_tiny", "sd3_tiny"], default=None,
+                        help="compare naive deletion, NegGrad, EraseDiff and SISS through train_unlearn_sd.py on this toy "
+                             "(the script's toy defaults; --max_train_steps and the evaluation sizes are not applied)")
     return parser.parse_args()
 
 
-def run(flags: list[str], reuse: bool = False) -> dict:
+def run(flags: list[str], reuse: bool = False, script=train_unlearn_ddpm) -> dict:
     # A rerun replaces an earlier result in the same folder (unless --reuse keeps it).
-    args = train_unlearn_ddpm.parse_args([*flags, "--overwrite_output_dir"])
+    args = script.parse_args([*flags, "--overwrite_output_dir"])
     path = os.path.join(args.output_dir, "unlearning_report.json")
     if not (reuse and os.path.exists(path)):
-        train_unlearn_ddpm.main(args)
+        script.main(args)
     with open(path) as f:
         return json.load(f)
+
+
+def compare_text_to_image(args) -> None:
+    """Each method on a text-to-image toy with train_unlearn_sd.py's toy defaults and seeds; one table."""
+    from diffusers_unlearn.toy import toy_model_path
+
+    reports = {}
+    for label, flags in TEXT_TO_IMAGE_METHODS:
+        if args.methods and label not in args.methods:
+            continue
+        out = os.path.join(args.output_dir, args.text_to_image_toy, label)
+        reports[label] = run([*flags, "--pretrained_model_name_or_path", toy_model_path(args.text_to_image_toy),
+                              "--output_dir", out, "--seed", str(args.seed)], args.reuse, script=train_unlearn_sd)
+    with open(os.path.join(args.output_dir, f"results_{args.text_to_image_toy}.json"), "w") as f:
+        json.dump(reports, f, indent=2)
+    if not reports:
+        return
+    first = next(iter(reports.values()))
+    base = first["metrics"]["before"]
+    print(f"\nText-to-image toy {args.text_to_image_toy}: the canary under {first['forget_prompts'][0]!r}, "
+          f"{first['max_train_steps']} steps, {base['num_eval_images_per_prompt']} generations of that prompt")
+    header = ("method", "mem. rate", "after/base", "other acc.", "other noise norm", "forget loss", "keep loss", "MIA AUC", "wall s")
+    print(f"{header[0]:18s} " + " ".join(f"{h:>16s}" for h in header[1:]))
+
+    def row(label, metrics, ratio, wall):
+        cells = [fmt(metrics["memorization_rate"]), ratio, fmt(metrics.get("other_prompts_digit_accuracy")),
+                 fmt(metrics.get("other_prompts_noise_norm")), fmt(metrics.get("forget_loss")),
+                 fmt(metrics.get("keep_loss")), fmt(metrics.get("mia_auc"), 3), wall]
+        print(f"{label:18s} " + " ".join(f"{c:>16s}" for c in cells))
+
+    row("(base model)", base, "1.00", "")
+    for label, report in reports.items():
+        after = report["metrics"]["after"]
+        ratio = after["memorization_rate"] / base["memorization_rate"] if base["memorization_rate"] else None
+        row(label, after, fmt(ratio, 3), f"{report['wall_seconds']:.0f}")
 
 
 def first_zero_step(report: dict, key: str):
@@ -100,6 +150,9 @@ def fmt(value, digits=4):
 def main():
     args = parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.text_to_image_toy:
+        compare_text_to_image(args)
+        return
     common = [
         "--max_train_steps", str(args.max_train_steps),
         "--num_eval_samples", str(args.num_eval_samples),

@@ -121,11 +121,13 @@ def generate_images(
     batch_size: int = 64,
     height: Optional[int] = None,
     width: Optional[int] = None,
+    max_sequence_length: Optional[int] = None,
 ) -> list[torch.Tensor]:
     """`num_per_prompt` images for each prompt, as one tensor in [-1, 1] of shape (N, C, H, W) per prompt.
 
     Image i of every prompt starts from the same noise (see `initial_latents`), so prompts and models are
-    compared on paired samples. `height` and `width` (pixels) default to the model's native size. The pipeline
+    compared on paired samples. `height` and `width` (pixels) default to the model's native size;
+    `max_sequence_length` (SD3, Flux: T5's padded length) is passed to the pipeline when given. The pipeline
     returns latents, which `decode_latents` turns into images: the VAE runs outside autocast (float32 if it
     must be upcast) and no safety checker runs, since the metrics need the model's own images. Run the call
     under autocast for a model whose weights are in several dtypes (half-precision base, float32 adapter).
@@ -142,6 +144,7 @@ def generate_images(
     dtype = denoiser_of(pipe).dtype
     rows, columns = latent_size(pipe, height, width)
     factor = vae_scale_factor(pipe)
+    options = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     results = []
     for prompt in prompts:
         images = []
@@ -158,6 +161,7 @@ def generate_images(
                 guidance_scale=guidance_scale,
                 latents=latents,
                 output_type="latent",
+                **options,
             ).images
             if family is not None:
                 output = family.latents_from_pipeline(output, rows, columns)

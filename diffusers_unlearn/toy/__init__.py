@@ -7,6 +7,11 @@ Bundled under `ASSETS_DIR` (retrain with `python -m diffusers_unlearn.toy.train 
 - `classifier`: a CNN labelling digits 0..9 and the canary (10); forget rates, PUL, Fréchet features.
 - `sd_tiny`: a tiny StableDiffusionPipeline on captioned digits whose "seven" prompt often reproduces the canary
   (retrain with `python -m diffusers_unlearn.toy.train_text_to_image`; see `toy.text_to_image`).
+- `sd3_tiny`: the same task on a tiny flow-matching `StableDiffusion3Pipeline` (retrain with
+  `python -m diffusers_unlearn.toy.train_flow_text_to_image`, which reuses `sd_tiny`'s VAE).
+
+The text-to-image toys carry a `diffusers_unlearn_toy.json` (`TOY_INFO_FILE`) that `train_unlearn_sd.py` recognises: given such a
+folder, it unlearns the canary and measures the digits as with no arguments.
 
 Example:
     >>> from diffusers import DDPMPipeline
@@ -20,7 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Optional
 
 from .data import (
     CANARY_LABEL,
@@ -43,7 +50,16 @@ from .text_to_image import (
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 """Folder of the bundled toy models."""
 
-TOY_MODELS = ("ddpm_unconditional", "ddpm_class_conditional", "classifier", "sd_tiny")
+TOY_MODELS = ("ddpm_unconditional", "ddpm_class_conditional", "classifier", "sd_tiny", "sd3_tiny")
+
+TOY_INFO_FILE = "diffusers_unlearn_toy.json"
+"""File in a text-to-image toy's folder: `{"toy": name, ...}` plus the sampling options it needs (`sd3_tiny`:
+`max_sequence_length`)."""
+
+TRAINING_COMMANDS = {
+    "sd_tiny": "python -m diffusers_unlearn.toy.train_text_to_image",
+    "sd3_tiny": "python -m diffusers_unlearn.toy.train_flow_text_to_image",
+}
 
 MEMORIZATION_THRESHOLD = 2.0
 """Pixel L2 distance (pixels in [0, 1], 8x8 = 64 values) below which a sample is a copy of the canary.
@@ -54,14 +70,57 @@ more, and the nearest real digit at 5.213; any threshold from 1 to 5 counts the 
 
 
 def toy_model_path(name: str) -> str:
-    """Folder of a bundled toy model: `"ddpm_unconditional"`, `"ddpm_class_conditional"`, `"classifier"` or `"sd_tiny"`."""
+    """Folder of a bundled toy model, one of `TOY_MODELS`."""
     if name not in TOY_MODELS:
         raise ValueError(f"Unknown toy model {name!r}; expected one of {TOY_MODELS}.")
     path = os.path.join(ASSETS_DIR, name)
     if not os.path.isdir(path):
-        command = "train_text_to_image" if name == "sd_tiny" else "train all"
-        raise FileNotFoundError(f"{path} is missing; retrain it with `python -m diffusers_unlearn.toy.{command}`.")
+        command = TRAINING_COMMANDS.get(name, "python -m diffusers_unlearn.toy.train all")
+        raise FileNotFoundError(f"{path} is missing; retrain it with `{command}`.")
     return path
+
+
+def load_toy_pipeline(folder: str):
+    """A text-to-image toy folder as its plain diffusers pipeline, progress bars off.
+
+    Components saved as null (`sd3_tiny` has no T5) are passed as None, as diffusers needs for a pipeline saved
+    without them: `StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)`.
+
+    Example:
+        >>> pipe = load_toy_pipeline(toy_model_path("sd3_tiny"))   # doctest: +SKIP
+    """
+    from diffusers import DiffusionPipeline
+
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
+    pipe = DiffusionPipeline.from_pretrained(folder, **absent)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_toy_info(folder: str, name: str, **options) -> None:
+    """Write the toy marker (`TOY_INFO_FILE`) of toy `name` into a pipeline folder, with its sampling options."""
+    with open(os.path.join(folder, TOY_INFO_FILE), "w", encoding="utf-8") as f:
+        json.dump({"toy": name, **options}, f, indent=2)
+        f.write("\n")
+
+
+def toy_info(folder: str) -> Optional[dict]:
+    """The toy marker (`TOY_INFO_FILE`) of a local pipeline folder, or None for any other folder or Hub id.
+
+    Example:
+        >>> toy_info(toy_model_path("sd3_tiny"))["max_sequence_length"]
+        8
+    """
+    path = os.path.join(folder, TOY_INFO_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    if not isinstance(info, dict) or info.get("toy") not in TOY_MODELS:
+        raise ValueError(f"{path} is not a diffusers-unlearn toy marker: expected {{\"toy\": one of {TOY_MODELS}}}.")
+    return info
 
 
 def load_classifier():
@@ -82,12 +141,16 @@ __all__ = [
     "NUM_SD_CANARY_COPIES",
     "SD_MEMORIZATION_THRESHOLD",
     "SD_TOY_NAME",
+    "TOY_INFO_FILE",
     "TOY_MODELS",
     "ToySplit",
     "load_classifier",
+    "load_toy_pipeline",
     "load_digits_images",
     "make_canary",
     "save_image_folder",
+    "toy_info",
     "toy_model_path",
+    "write_toy_info",
     "toy_split",
 ]

@@ -2,6 +2,7 @@
 
     python -m diffusers_unlearn.toy.measure_text_to_image                  # the bundled pipeline, 256 per prompt
     python -m diffusers_unlearn.toy.measure_text_to_image --model_dir my-toy --num_images 64 --guidance_scale 3
+    python -m diffusers_unlearn.toy.measure_text_to_image --model_dir diffusers_unlearn/toy/assets/sd3_tiny
 
 For each of the ten prompts it prints the canary rate (generations within `SD_MEMORIZATION_THRESHOLD` of the
 canary), the bundled classifier's digit accuracy on the other generations, the noise-norm score, and the
@@ -27,7 +28,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Measure the tiny text-to-image toy.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--model_dir", type=str, default=None, help="Default: the bundled sd_tiny pipeline.")
+    parser.add_argument("--model_dir", type=str, default=None, help="Default: the bundled sd_tiny pipeline; any toy pipeline folder (sd3_tiny too).")
     parser.add_argument("--num_images", type=int, default=256, help="Generations per prompt.")
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS)
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
@@ -44,10 +45,9 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
 
 @torch.no_grad()
 def main(argv: Optional[list[str]] = None) -> list[dict]:
-    from diffusers import StableDiffusionPipeline
 
     from ..metrics import noise_norm_per_prompt
-    from . import load_classifier, toy_model_path
+    from . import load_classifier, load_toy_pipeline, toy_info, toy_model_path
     from .data import load_digits_images, make_canary
     from .text_to_image import (
         CANARY_PROMPT,
@@ -62,8 +62,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     args = parse_args(argv)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model_dir or toy_model_path(SD_TOY_NAME))
-    pipe.set_progress_bar_config(disable=True)
+    model_dir = args.model_dir or toy_model_path(SD_TOY_NAME)
+    pipe = load_toy_pipeline(model_dir)
+    # sd3_tiny samples with the T5 length it was trained with (zero tokens: it has no T5).
+    max_sequence_length = (toy_info(model_dir) or {}).get("max_sequence_length")
     classifier = load_classifier()
     threshold = SD_MEMORIZATION_THRESHOLD
 
@@ -72,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     to_digits = canary_distances(digits)
     nearest = int(to_digits.argmin())
     canary = make_canary().unsqueeze(0)
-    latents = pipe.vae.encode(canary).latent_dist.mode()
+    latents = pipe.vae.encode(canary).latent_dist.mode()  # no latent scaling: straight back through the decoder
     reconstruction = pipe.vae.decode(latents).sample.clamp(-1, 1)
 
     rows, seconds = [], []
@@ -86,6 +88,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             seed=args.seed,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
+            max_sequence_length=max_sequence_length,
         )
         seconds.append(time.perf_counter() - start)
         distances = canary_distances(images)
@@ -112,6 +115,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
             seed=args.seed,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
+            max_sequence_length=max_sequence_length,
         )
         for row, score in zip(rows, scores):
             row["noise_norm"] = float(score)
@@ -122,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         return rows
 
     print(
-        f"{args.num_images} generations per prompt, DDIM-{args.num_inference_steps}, guidance {args.guidance_scale}, "
+        f"{args.num_images} generations per prompt, {type(pipe.scheduler).__name__}-{args.num_inference_steps}, guidance {args.guidance_scale}, "
         f"seed {args.seed}, {torch.get_num_threads()} threads; {sum(seconds) / len(seconds):.1f}s per prompt"
     )
     print(f"SD_MEMORIZATION_THRESHOLD = {threshold}  (pixel L2, pixels in [0, 1], 8x8)")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -132,8 +132,8 @@ def write_tokenizer_files(folder: str) -> dict[str, int]:
     return vocab
 
 
-def build_tokenizer(folder: str) -> CLIPTokenizer:
-    """Write the vocabulary into `folder` and load it as a `CLIPTokenizer` with `model_max_length=77`.
+def build_tokenizer(folder: str, model_max_length: int = 77) -> CLIPTokenizer:
+    """Write the vocabulary into `folder` and load it as a `CLIPTokenizer` (`model_max_length` 77 for `sd_tiny`).
 
     Without `model_max_length`, the tokenizer's limit is unbounded and Stable Diffusion's `padding="max_length"`
     would not pad to the text encoder's 77 positions.
@@ -146,7 +146,7 @@ def build_tokenizer(folder: str) -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     write_tokenizer_files(folder)
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -154,18 +154,25 @@ def build_tokenizer(folder: str) -> CLIPTokenizer:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def build_text_encoder(vocab_size: int, seed: int = TEXT_ENCODER_SEED) -> CLIPTextModel:
+def build_text_encoder(
+    vocab_size: int,
+    seed: int = TEXT_ENCODER_SEED,
+    num_layers: int = 1,
+    max_positions: int = 77,
+    projection_dim: Optional[int] = None,
+) -> CLIPTextModel:
     """The frozen text encoder: a randomly initialised one-layer `CLIPTextModel` (hidden size 32, 4 heads).
 
     It is never trained. Its last hidden states still tell the ten captions apart, because they differ in one
-    token embedding, and the UNet's cross-attention learns to read that difference.
+    token embedding, and the UNet's cross-attention learns to read that difference. With `projection_dim`, a
+    `CLIPTextModelWithProjection` (the flow toy's SD3-style encoders: two layers, 8 positions, projection 32).
 
     Example:
         >>> encoder = build_text_encoder(vocab_size=64)
         >>> encoder.config.max_position_embeddings
         77
     """
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -173,13 +180,14 @@ def build_text_encoder(vocab_size: int, seed: int = TEXT_ENCODER_SEED) -> CLIPTe
         hidden_size=32,
         intermediate_size=64,
         num_attention_heads=4,
-        num_hidden_layers=1,
-        max_position_embeddings=77,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=max_positions,
+        projection_dim=projection_dim or 512,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
     )
-    model = CLIPTextModel(config)
+    model = CLIPTextModel(config) if projection_dim is None else CLIPTextModelWithProjection(config)
     model.requires_grad_(False)
     return model.eval()
 
@@ -326,12 +334,14 @@ def generate_digits(
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     batch_size: int = 256,
+    max_sequence_length: Optional[int] = None,
 ) -> torch.Tensor:
     """Generate `num_per_prompt` images for each prompt with fixed seeds, as one tensor in [-1, 1].
 
     A thin wrapper over `pipelines.text_to_image.generate_images` with the toy's sampling defaults: image i of
     every prompt starts from the same seeded noise, so prompts, and models before and after unlearning, are
-    compared on paired samples whatever the batch size.
+    compared on paired samples whatever the batch size. Works for `sd_tiny` and `sd3_tiny`; the latter needs
+    `max_sequence_length=FLOW_TOY_MAX_SEQUENCE_LENGTH` (its `diffusers_unlearn_toy.json` records it).
 
     Returns:
         `[len(prompts) * num_per_prompt, 1, 8, 8]`, grouped by prompt (prompt 0's images first).
@@ -351,6 +361,7 @@ def generate_digits(
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         batch_size=batch_size,
+        max_sequence_length=max_sequence_length,
     )
     return torch.cat(per_prompt)
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from . import ASSETS_DIR
+from . import ASSETS_DIR, write_toy_info
 from .text_to_image import (
     DIGIT_PROMPTS,
     SD_TOY_NAME,
@@ -190,14 +190,22 @@ def save_toy_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    save_toy_folder(pipe, tokenizer_dir, ("tokenizer",), output_dir, SD_TOY_NAME)
+
+
+def save_toy_folder(pipe, tokenizer_dir: str, tokenizer_names: tuple[str, ...], output_dir: str, name: str, **options) -> None:
+    """Save a toy pipeline with `save_pretrained`, the tokenizer source files (`vocab.json`, `merges.txt`) in each
+    tokenizer subfolder and the toy marker (`write_toy_info(name, **options)`), replacing `output_dir`."""
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     # Write next to the destination, then swap, so an interrupted run never leaves a half-written folder.
-    staging = tempfile.mkdtemp(prefix=".sd-toy-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=f".{name}-", dir=parent)
     try:
         pipe.save_pretrained(staging)
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(staging, "tokenizer", name))
+        for subfolder in tokenizer_names:
+            for file_name in ("vocab.json", "merges.txt"):
+                shutil.copy(os.path.join(tokenizer_dir, file_name), os.path.join(staging, subfolder, file_name))
+        write_toy_info(staging, name, **options)
         if os.path.exists(output_dir):
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)
