@@ -76,16 +76,20 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda needs a CUDA GPU; use --device cpu.")
     path = args.pretrained_model_name_or_path
-    if path is None:
-        from .toy import toy_model_path
+    from .toy import toy_info, toy_model_path
 
+    if path is None:
         path = toy_model_path("sd_tiny")
+    toy = toy_info(path) if os.path.isdir(path) else None
+    if toy is not None and args.max_sequence_length is None:  # sd3_tiny samples with its own T5 length
+        args.max_sequence_length = toy.get("max_sequence_length")
     dtype = getattr(torch, args.dtype)
-    from .families import FlowMatchingFamily, family_for_folder
+    from .families import FlowMatchingFamily, components_saved_as_none, family_for_folder
 
     family = family_for_folder(path, revision=args.revision)
     pipeline_class = family.plain_pipeline_class
     extra = {"safety_checker": None, "requires_safety_checker": False} if pipeline_class is StableDiffusionPipeline else {}
+    extra.update(components_saved_as_none(path))  # e.g. an SD3 pipeline saved without T5
     pipe = pipeline_class.from_pretrained(
         path, revision=args.revision, variant=args.variant, torch_dtype=dtype, **extra
     ).to(args.device)

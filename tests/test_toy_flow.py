@@ -141,3 +141,24 @@ def test_siss_on_the_flow_toy_removes_the_canary(tmp_path):
     loaded = StableDiffusion3Pipeline.from_pretrained(report["base_model"], text_encoder_3=None, tokenizer_3=None)
     loaded.load_lora_weights(str(out))
     assert any("lora_A" in name for name, _ in loaded.transformer.named_parameters())
+
+
+def test_scan_runs_on_the_flow_toy_with_its_sequence_length(tmp_path, monkeypatch):
+    """The scan loads a pipeline saved without T5 and samples with the toy's own T5 length."""
+    from diffusers_unlearn import scan
+    from diffusers_unlearn.metrics import noise_norm as noise_norm_module
+
+    lengths = []
+    original = noise_norm_module.noise_norm_scores
+
+    def recording(*args, **kwargs):
+        lengths.append(kwargs.get("max_sequence_length"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(noise_norm_module, "noise_norm_scores", recording)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{CANARY_PROMPT}\n{DIGIT_PROMPTS[3]}\n")
+    rows = scan.main(["--pretrained_model_name_or_path", toy_model_path(FLOW_TOY_NAME), "--prompts_file", str(prompts),
+                      "--output_file", str(tmp_path / "scan.jsonl"), "--num_generations", "1", "--num_inference_steps", "3"])
+    assert {row["caption"] for row in rows} == {CANARY_PROMPT, DIGIT_PROMPTS[3]}
+    assert lengths and set(lengths) == {FLOW_TOY_MAX_SEQUENCE_LENGTH}

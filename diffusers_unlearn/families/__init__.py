@@ -107,6 +107,21 @@ def family_for_folder(
     return family_for_pipeline_class(index.get("_class_name"))
 
 
+def components_saved_as_none(path: str | os.PathLike) -> dict[str, None]:
+    """{name: None} for each component a local pipeline folder saved as null (an SD3 pipeline without T5), which
+    diffusers' `from_pretrained` needs passed explicitly; empty for a Hub id or a folder without them.
+
+    Example:
+        >>> StableDiffusion3Pipeline.from_pretrained(folder, **components_saved_as_none(folder))  # doctest: +SKIP
+    """
+    index_path = os.path.join(os.fspath(path), "model_index.json")
+    if not os.path.isfile(index_path):
+        return {}
+    with open(index_path, encoding="utf-8") as handle:
+        index = json.load(handle)
+    return {name: None for name, value in index.items() if isinstance(value, list) and value and value[0] is None}
+
+
 __all__ = [
     "Components",
     "FAMILIES",
@@ -117,6 +132,7 @@ __all__ = [
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "available_families",
+    "components_saved_as_none",
     "family_for_folder",
     "family_for_pipeline_class",
     "family_of_pipeline",

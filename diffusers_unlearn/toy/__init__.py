@@ -91,10 +91,9 @@ def load_toy_pipeline(folder: str):
     """
     from diffusers import DiffusionPipeline
 
-    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
-        index = json.load(f)
-    absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
-    pipe = DiffusionPipeline.from_pretrained(folder, **absent)
+    from ..families import components_saved_as_none
+
+    pipe = DiffusionPipeline.from_pretrained(folder, **components_saved_as_none(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
