@@ -45,6 +45,7 @@ from diffusers_unlearn.lora import (
 from diffusers_unlearn.metrics import (
     classifier_features,
     class_count,
+    denoising_losses,
     evaluate_ddpm,
     predict_labels,
     pul,
@@ -71,6 +72,7 @@ from diffusers_unlearn.training import (
     script_fingerprint,
 )
 from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
+from diffusers_unlearn.stopping import HeldoutLevelRule, add_stopping_arguments, check_stopping_arguments, check_stopping_with_sharding
 from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
 logger = get_logger(__name__, log_level="INFO")
@@ -135,6 +137,7 @@ def parse_args(argv=None):
     parser.add_argument("--lora_targets", type=str, default="attention_conv", help="'attention', 'attention_conv' or module names.")
     # Evaluation.
     parser.add_argument("--validation_steps", type=int, default=100)
+    add_stopping_arguments(parser)
     parser.add_argument("--num_validation_images", type=int, default=64)
     parser.add_argument("--num_eval_samples", type=int, default=1024)
     parser.add_argument("--memorization_threshold", type=float, default=None, help="Pixel L2 in [0,1] units. Default: toy threshold, else half the forget-to-keep distance.")
@@ -178,6 +181,7 @@ def parse_args(argv=None):
             args.keep_dataset_name = args.keep_dataset_name or unlearn_data.TOY_DATASET
     if args.learning_rate is None:
         args.learning_rate = 5e-3 if args.train_mode == "lora" else 1e-4
+    check_stopping_arguments(parser, args, has_heldout=bool(args.heldout_data_dir) or unlearn_data.TOY_DATASET in (args.forget_dataset_name, args.keep_dataset_name))
     check_number_flags(parser, args)
     if args.keep_from_generations and not args.using_toy and args.keep_generation_threshold is None and args.memorization_threshold is None:
         # Without a keep set there is no distance to derive a threshold from.
@@ -243,6 +247,7 @@ def main(args):
     check_inputs(args)
     accelerator = make_accelerator(args)
     fsdp = check_sharding_arguments(accelerator, args)
+    check_stopping_with_sharding(args, fsdp)
     repo_id = args.hub_model_id
     if args.push_to_hub and accelerator.is_main_process:  # a bad token or repo id fails now, not after training
         repo_id = create_hub_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token)
@@ -396,8 +401,18 @@ def main(args):
         if ema is not None:
             ema.step(trainable_parameters(accelerator.unwrap_model(unet)))
 
+    rule = HeldoutLevelRule(args.heldout_level_margin) if args.stop_at_heldout_level else None
+
+    def measure_level(model):  # the evaluation's losses (same timestep grid and noise seed) for the stopping rule
+        level_denoiser = Denoiser(model, schedule)
+        return rule.measure(
+            denoising_losses(level_denoiser, batch_of(forget, is_conditional), seed=args.seed),
+            denoising_losses(level_denoiser, batch_of(heldout, is_conditional), seed=args.seed),
+        )
+
     def run_validation(step):
-        return validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier if class_unlearning else None)
+        return validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier if class_unlearning else None,
+                        measure_level if rule is not None else None)
 
     if fsdp:  # a sharded model samples only with every process taking part; validation runs on the main one
         logger.info("FSDP: no validation during training (the full evaluation before and after still runs).")
@@ -409,6 +424,7 @@ def main(args):
         checkpointer=checkpointer, checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit, validation_history=validation_history,
         validation_steps=args.validation_steps, validate=None if fsdp else run_validation, after_optimizer_step=update_ema,
+        should_stop=rule.reason if rule is not None else None,
     )
     # Under FSDP every process takes part in gathering the shards; the main process gets one ordinary UNet.
     trained = gathered_model(accelerator, unet, lambda: UNet2DModel.from_pretrained(
@@ -463,6 +479,7 @@ def main(args):
             "wall_seconds": wall,
             "metrics": {"before": before, "after": after},
             "validation": validation_history,
+            "stopping": rule.summary(validation_history) if rule is not None else None,
         }
         atomic_write_json(staged.file("unlearning_report.json"), report)
         write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), repo_id, images, is_adapter=args.train_mode == "lora", into=staged.path)
@@ -474,8 +491,9 @@ def main(args):
     accelerator.end_training()
 
 
-def validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier_for_rate=None):
-    """A small sample grid (and memorization rate) every --validation_steps, never every step."""
+def validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier_for_rate=None, measure_level=None):
+    """A small sample grid (and memorization rate) every --validation_steps, never every step; with
+    `measure_level` (--stop_at_heldout_level) also the forget and held-out loss levels, on the EMA weights too."""
     from diffusers_unlearn.metrics import memorization_rate
 
     model = accelerator.unwrap_model(unet)
@@ -483,9 +501,10 @@ def validate(accelerator, args, unet, ema, sample, forget, threshold, step, clas
         ema.store(trainable_parameters(model))
         ema.copy_to(trainable_parameters(model))
     images = sample(model, args.num_validation_images, args.seed + 3, args.forget_class if model.config.num_class_embeds is not None and args.forget_class is not None else None)
+    level = measure_level(model) if measure_level is not None else {}
     if ema is not None:
         ema.restore(trainable_parameters(model))
-    logs = {}
+    logs = {f"validation/{key}": value for key, value in level.items()}
     if threshold is not None:
         logs["validation/memorization_rate"] = memorization_rate(images, forget.images, threshold)
     if classifier_for_rate is not None and args.forget_class is not None:

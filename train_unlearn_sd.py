@@ -73,6 +73,7 @@ from diffusers_unlearn.training import (
     scaled_learning_rate,
 )
 from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
+from diffusers_unlearn.stopping import HeldoutLevelRule, add_stopping_arguments, check_stopping_arguments, check_stopping_with_sharding
 from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
 logger = get_logger(__name__, log_level="INFO")
@@ -134,6 +135,7 @@ def parse_args(argv=None):
     parser.add_argument("--validation_prompt", type=str, default=None, help="Default: the first forget prompt.")
     parser.add_argument("--num_validation_images", type=int, default=16)
     parser.add_argument("--validation_steps", type=int, default=50)
+    add_stopping_arguments(parser)
     parser.add_argument("--report_to", type=str, default="none", help="'tensorboard', 'wandb', 'all' or 'none'.")
     parser.add_argument("--logging_dir", type=str, default="logs")
     parser.add_argument("--push_to_hub", action="store_true")
@@ -220,6 +222,7 @@ def parse_args(argv=None):
         args.lora_targets = defaults["lora_targets"]
     if args.learning_rate is None:
         args.learning_rate = defaults["learning_rate"][args.train_mode]
+    check_stopping_arguments(parser, args, has_heldout=bool(args.heldout_data_dir) or args.using_toy)
     check_number_flags(parser, args)
     check_model_path(args.pretrained_model_name_or_path, model_kinds(args))
     if args.pretrained_vae_model_name_or_path is not None:
@@ -391,6 +394,7 @@ def main(args):
     if args.bnb_quantization_config is not None and accelerator.distributed_type == DistributedType.FSDP:
         raise UserInputError("--bnb_quantization_config_path does not work under FSDP (a quantised base cannot be sharded here): launch the LoRA run with DDP (examples/accelerate_ddp.yaml) or on one GPU.")
     fsdp = check_sharding_arguments(accelerator, args)
+    check_stopping_with_sharding(args, fsdp)
     if args.scale_lr:  # as train_text_to_image_lora.py, once the number of processes is known
         args.learning_rate = scaled_learning_rate(args.learning_rate, args.gradient_accumulation_steps, args.train_batch_size, accelerator.num_processes)
     repo_id = args.hub_model_id
@@ -630,8 +634,11 @@ def main(args):
 
     start_step, validation_history = checkpointer.load(resume_path) if resume_path else (0, [])
 
+    rule = HeldoutLevelRule(args.heldout_level_margin) if args.stop_at_heldout_level else None
+
     def validate(step):
-        """Generations for the validation prompt and their memorization rate, every --validation_steps."""
+        """Generations for the validation prompt and their memorization rate, every --validation_steps (and the
+        forget and held-out loss levels for --stop_at_heldout_level)."""
         model = accelerator.unwrap_model(unet)
         model.eval()
         setattr(pipe, family.denoiser_name, model)
@@ -644,8 +651,13 @@ def main(args):
         if not args.train_text_encoder:
             for encoder in text_encoders.values():
                 encoder.to("cpu")
-        model.train()
         logs = {}
+        if rule is not None:  # the evaluation's losses (same items, timestep grid and noise seed)
+            denoiser = Denoiser(model, schedule, call=family.call)
+            with accelerator.autocast():
+                level = rule.measure(denoising_losses(denoiser, batch_of(forget_cache, 256), seed=args.seed), denoising_losses(denoiser, batch_of(heldout_cache, 256), seed=args.seed))
+            logs.update({f"validation/{key}": value for key, value in level.items()})
+        model.train()
         if validation_prompt in forget_prompts:
             own = forget.images[[i for i, text in enumerate(forget.texts) if text == validation_prompt]]
             logs["validation/memorization_rate"] = memorization_rate(images, own, threshold)
@@ -666,6 +678,7 @@ def main(args):
         checkpointer=checkpointer, checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit, validation_history=validation_history,
         validation_steps=args.validation_steps, validate=None if fsdp else validate,
+        should_stop=rule.reason if rule is not None else None,
     )
 
     def base_denoiser():  # a fresh float32 copy of the base denoiser, for the gathered weights
@@ -726,6 +739,7 @@ def main(args):
             "metrics": {"before": before, "after": after},
             "per_prompt": per_prompt,
             "validation": validation_history,
+            "stopping": rule.summary(validation_history) if rule is not None else None,
         }
         atomic_write_json(staged.file("unlearning_report.json"), report)
         write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), repo_id, images, is_adapter=args.train_mode == "lora", text_to_image=True, into=staged.path, pipeline_class=family.plain_pipeline_class_name)

@@ -65,6 +65,11 @@ def parse_args():
     parser.add_argument("--methods", nargs="*", default=None, help="labels to run (default: all)")
     parser.add_argument("--skip_class", action="store_true", help="skip the class-unlearning part")
     parser.add_argument("--skip_data", action="store_true", help="skip the data-unlearning part")
+    parser.add_argument("--stop_at_heldout_level", action="store_true",
+                        help="data unlearning: each method with train_unlearn_ddpm.py's calibrated stopping rule (stops "
+                             "when the canary's loss reaches the held-out digits' level, checked every --validation_steps); "
+                             "prints the step each run stopped at")
+    parser.add_argument("--heldout_level_margin", type=float, default=None, help="with --stop_at_heldout_level (default: the script's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="keep the reports already in --output_dir instead of rerunning them")
     parser.add_argument("--text_to_image_toy", choices=["sd_tiny", "sd3_tiny"], default=None,
@@ -161,6 +166,8 @@ def main():
         "--checkpointing_steps", str(10**9),
         "--seed", str(args.seed),
     ]
+    if args.stop_at_heldout_level:
+        common += ["--stop_at_heldout_level"] + (["--heldout_level_margin", str(args.heldout_level_margin)] if args.heldout_level_margin is not None else [])
     results = {"data": {}, "class": {}}
 
     if not args.skip_data:
@@ -214,7 +221,22 @@ def main():
                 f"{fmt(first_zero_step(report, 'forget_class_rate')):>8s} {fmt(stays_zero_step(report, 'forget_class_rate')):>7s} "
                 f"{report['wall_seconds']:7.0f}"
             )
+    if results["data"] and args.stop_at_heldout_level:
+        print(f"\nWhere --stop_at_heldout_level stopped (validation every {args.validation_steps} steps)")
+        print("\n".join(stopping_table(results["data"])))
     plot(results, os.path.join(args.output_dir, "quality_vs_forgetting.png"))
+
+
+def stopping_table(reports: dict) -> list[str]:
+    """Where --stop_at_heldout_level stopped each run: the step, and the rule's figures at that validation."""
+    lines = [f"{'method':18s} {'stopped at':>10s} {'forget loss':>11s} {'held-out lvl':>12s} {'margin':>6s} {'copies':>6s} {'MIA AUC':>7s}"]
+    for label, report in reports.items():
+        stop, after = report.get("stopping") or {}, report["metrics"]["after"]
+        entry = next((e for e in report.get("validation", []) if e["step"] == stop.get("stopped_at_step")), {})
+        lines.append(f"{label:18s} {fmt(stop.get('stopped_at_step')):>10s} {fmt(entry.get('forget_loss_median')):>11s} "
+                     f"{fmt(entry.get('heldout_level')):>12s} {fmt(stop.get('margin'), 2):>6s} "
+                     f"{fmt(after.get('memorization_count')):>6s} {fmt(after.get('mia_auc'), 3):>7s}")
+    return lines
 
 
 def plot(results: dict, path: str) -> None:

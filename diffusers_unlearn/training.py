@@ -316,6 +316,7 @@ def run_unlearning_loop(
     validate: Optional[Callable[[int], dict[str, Any]]] = None,
     after_optimizer_step: Optional[Callable[[int], None]] = None,
     desc: str = "Unlearning",
+    should_stop: Optional[Callable[[Optional[dict[str, Any]]], Optional[str]]] = None,
 ) -> list[dict[str, Any]]:
     """Optimizer steps from `start_step` to `max_train_steps`; returns the validation history.
 
@@ -324,7 +325,18 @@ def run_unlearning_loop(
     step, which the scripts evaluate in full); `after_optimizer_step(step)` runs on every process (EMA updates).
     With a `checkpointer`, a checkpoint (holding the validation history so far) is written every
     `checkpointing_steps`. A resumed run passes the history its checkpoint held as `validation_history`.
+
+    `should_stop(entry)` (diffusers_unlearn/stopping.py) runs on the main process after each validation and
+    returns a reason to end training there, or None; its decision is broadcast, every process stops at that step,
+    which is checkpointed with the reason in its history entry. A history that already holds a stop trains no
+    further.
     """
+    from .stopping import STOP_KEY, broadcast_stop, stopped_entry
+
+    stopped = stopped_entry(validation_history or [])
+    if stopped is not None:
+        logger.info(f"This run stopped at step {stopped['step']} ({stopped[STOP_KEY]}); no further training.")
+        return list(validation_history)
     progress = tqdm(
         range(start_step, max_train_steps), initial=start_step, total=max_train_steps,
         disable=not accelerator.is_local_main_process, desc=desc,
@@ -347,13 +359,20 @@ def run_unlearning_loop(
         progress.set_postfix(**{k: round(v, 4) for k, v in out.logs.items() if k in PROGRESS_KEYS})
         accelerator.log(out.logs, step=step)
 
-        if (
-            validate is not None and validation_steps and step % validation_steps == 0
-            and step < max_train_steps and accelerator.is_main_process
-        ):
+        validating = validate is not None and validation_steps and step % validation_steps == 0 and step < max_train_steps
+        stop = False
+        if validating and accelerator.is_main_process:
             history.append(validate(step))
-        if checkpointer is not None and checkpointing_steps and step % checkpointing_steps == 0:
+        if validating and should_stop is not None:
+            reason = should_stop(history[-1]) if accelerator.is_main_process else None
+            stop = broadcast_stop(accelerator, reason is not None)
+            if reason is not None:
+                history[-1][STOP_KEY] = reason
+                logger.info(f"Stopping: {reason}.")
+        if checkpointer is not None and ((checkpointing_steps and step % checkpointing_steps == 0) or stop):
             checkpointer.save(output_dir, step, history, checkpoints_total_limit)
+        if stop:
+            break
     progress.close()
     accelerator.wait_for_everyone()
     return history

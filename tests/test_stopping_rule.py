@@ -1,0 +1,176 @@
+"""--stop_at_heldout_level (diffusers_unlearn/stopping.py): the rule, its refusal without held-out data, the
+report, resumption after a stop, two methods, two processes, and its behaviour on the DDPM toy."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import train_unlearn_ddpm as script  # noqa: E402
+from diffusers_unlearn import stopping  # noqa: E402
+from diffusers_unlearn.stopping import HeldoutLevelRule  # noqa: E402
+from test_train_ddpm import base_args, workspace  # noqa: E402,F401  (the tiny model and image folders)
+
+
+def run(args):
+    script.main(script.parse_args(args))
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "unlearning_report.json").read_text())
+
+
+def checkpoints(out: Path) -> list[str]:
+    return sorted((p.name for p in out.iterdir() if p.name.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+
+
+@pytest.fixture
+def rising_forget_loss(monkeypatch):
+    """The rule's measurement replaced by a forget loss that rises by 0.1 per validation toward a held-out level
+    of 0.25, so the stopping step is known: with margin 0 the third validation (0.3 >= 0.25) stops."""
+    calls = []
+
+    def measure(self, forget_losses, heldout_losses):
+        calls.append((len(forget_losses), len(heldout_losses)))
+        return {"forget_loss_median": 0.1 * len(calls), "heldout_level": 0.25, "mia_auc": 0.5}
+
+    monkeypatch.setattr(HeldoutLevelRule, "measure", measure)
+    return calls
+
+
+def test_rule_decision_and_measure():
+    rule = HeldoutLevelRule(margin=0.0)
+    assert rule.reason({"step": 3, "forget_loss_median": 0.24, "heldout_level": 0.25}) is None
+    assert "step 3" in rule.reason({"step": 3, "forget_loss_median": 0.25, "heldout_level": 0.25})
+    assert HeldoutLevelRule(margin=0.1).reason({"step": 3, "forget_loss_median": 0.23, "heldout_level": 0.25})
+    assert rule.reason({"step": 3}) is None and rule.reason(None) is None  # a validation without the losses
+    level = rule.measure(torch.tensor([0.3]), torch.tensor([0.1, 0.2, 0.4, 0.5, 0.6]))
+    assert level["forget_loss_median"] == pytest.approx(0.3) and level["heldout_level"] == pytest.approx(0.4)
+    assert level["mia_auc"] == pytest.approx(0.6)  # 3 of 5 held-out losses are above the forget item's
+    summary = rule.summary([{"step": 2}, {"step": 4, "stopped": "why"}])
+    assert summary["stopped_at_step"] == 4 and summary["reason"] == "why" and summary["margin"] == 0.0
+    assert rule.summary([{"step": 2}])["stopped_at_step"] is None
+
+
+@pytest.mark.parametrize("margin", ["-0.1", "1.0"])
+def test_margin_out_of_range_is_refused(workspace, tmp_path, margin, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(base_args(workspace, tmp_path / "out", "--stop_at_heldout_level", "--heldout_level_margin", margin))
+    assert "--heldout_level_margin must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_refused_without_heldout_data(workspace, tmp_path, capsys):
+    args = base_args(workspace, tmp_path / "out", "--stop_at_heldout_level")
+    i = args.index("--heldout_data_dir")
+    del args[i : i + 2]
+    with pytest.raises(SystemExit) as info:
+        script.parse_args(args)  # at parse time: before any model or image is loaded
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--stop_at_heldout_level needs held-out data" in err and "--heldout_data_dir" in err
+    assert not (tmp_path / "out").exists()
+    script.parse_args(args[:-1])  # without the flag the same command is accepted
+
+
+def test_sd_script_refuses_without_heldout_data(tmp_path, capsys):
+    import train_unlearn_sd
+
+    folder = tmp_path / "forget"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(SystemExit):
+        train_unlearn_sd.parse_args([
+            "--pretrained_model_name_or_path", str(model), "--forget_data_dir", str(folder),
+            "--output_dir", str(tmp_path / "out"), "--stop_at_heldout_level",
+        ])
+    assert "--stop_at_heldout_level needs held-out data" in capsys.readouterr().err
+    # The toy has held-out data built in: accepted.
+    args = train_unlearn_sd.parse_args(["--output_dir", str(tmp_path / "toy"), "--stop_at_heldout_level"])
+    assert args.stop_at_heldout_level and args.heldout_level_margin == stopping.DEFAULT_MARGIN
+
+
+@pytest.mark.parametrize("method", ["siss", "naive_deletion"])
+def test_stops_when_level_reached_and_records_it(workspace, tmp_path, rising_forget_loss, method):
+    out = tmp_path / method
+    flags = ["--method", method] + (["--siss_scaling_norm", "0.5"] if method == "siss" else [])
+    args = base_args(workspace, out, "--max_train_steps", "12", "--checkpointing_steps", "100",
+                     "--stop_at_heldout_level", "--heldout_level_margin", "0")
+    i = args.index("--siss_scaling_norm")
+    del args[i : i + 2]
+    run(args + flags)
+    report = report_of(out)
+    assert report["method"] == method
+    assert report["stopping"]["stopped_at_step"] == 6 and "step 6" in report["stopping"]["reason"]
+    assert report["stopping"]["margin"] == 0.0
+    steps = [entry["step"] for entry in report["validation"]]
+    assert steps == [2, 4, 6]  # no validation (no training) after the stop
+    assert [entry.get("stopped") is not None for entry in report["validation"]] == [False, False, True]
+    assert report["validation"][-1]["forget_loss_median"] == pytest.approx(0.3)
+    assert rising_forget_loss == [(2, 4)] * 3  # the forget set's 2 images and the 4 held-out ones
+    # The stopping step is checkpointed, and the saved adapter is the stopped model.
+    assert checkpoints(out) == ["checkpoint-6"]
+    final = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    at_stop = load_file(str(out / "checkpoint-6" / "pytorch_lora_weights.safetensors"))
+    assert final.keys() == at_stop.keys() and all(torch.equal(final[k], at_stop[k]) for k in final)
+
+
+def test_without_the_flag_training_runs_to_the_end(workspace, tmp_path, rising_forget_loss):
+    out = tmp_path / "out"
+    run(base_args(workspace, out, "--max_train_steps", "8", "--checkpointing_steps", "100"))
+    report = report_of(out)
+    assert report["stopping"] is None and [e["step"] for e in report["validation"]] == [2, 4, 6]
+    assert rising_forget_loss == []  # the losses are not measured without the rule
+
+
+def test_level_not_reached_runs_to_max_steps(workspace, tmp_path, monkeypatch):
+    monkeypatch.setattr(HeldoutLevelRule, "measure", lambda self, f, h: {"forget_loss_median": 0.1, "heldout_level": 1.0, "mia_auc": 0.0})
+    out = tmp_path / "out"
+    run(base_args(workspace, out, "--max_train_steps", "6", "--stop_at_heldout_level"))
+    report = report_of(out)
+    assert report["stopping"]["stopped_at_step"] is None and "not reached" in report["stopping"]["reason"]
+    assert [e["step"] for e in report["validation"]] == [2, 4]
+
+
+def test_resume_after_a_stop_trains_no_further(workspace, tmp_path, rising_forget_loss):
+    out = tmp_path / "out"
+    common = ["--checkpointing_steps", "100", "--stop_at_heldout_level", "--heldout_level_margin", "0"]
+    run(base_args(workspace, out, "--max_train_steps", "12", *common))
+    stopped = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    calls = len(rising_forget_loss)
+    # Resumed with a larger budget: the checkpoint's history holds the stop, so no step and no validation runs.
+    run(base_args(workspace, out, "--max_train_steps", "20", *common, "--resume_from_checkpoint", "latest"))
+    assert len(rising_forget_loss) == calls
+    assert checkpoints(out) == ["checkpoint-6"]
+    resumed = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(stopped[k], resumed[k]) for k in stopped)
+    report = report_of(out)
+    assert report["stopping"]["stopped_at_step"] == 6 and [e["step"] for e in report["validation"]] == [2, 4, 6]
+
+
+def test_two_processes_stop_together(workspace, tmp_path):
+    """Margin 0.99 stops at the first validation on the tiny model (any loss >= 1% of the held-out level). The
+    decision is made on rank 0 only; if rank 1 did not get it, it would train on alone and the run would hang."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+        str(ROOT / "train_unlearn_ddpm.py"),
+        *base_args(workspace, out, "--max_train_steps", "8", "--checkpointing_steps", "100",
+                   "--stop_at_heldout_level", "--heldout_level_margin", "0.99"),
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = report_of(out)
+    assert report["num_processes"] == 2 and report["stopping"]["stopped_at_step"] == 2
+    assert checkpoints(out) == ["checkpoint-2"]
