@@ -10,7 +10,9 @@ of the held-out set, and end training at the first validation where
     median(forget losses) >= (1 - margin) * median(held-out losses)
 
 `margin` is `--heldout_level_margin` (a fraction of the held-out level, so the rule is free of the loss scale,
-which differs between model families and loss spaces). The medians make the rule agree with the
+which differs between model families and loss spaces), and, where the validation counts copies of the forget items
+among its samples (`memorization_rate`), none of them is a copy: a loss at the level with copies still drawn is
+not forgetting (EraseDiff on the DDPM toy reaches the level a few steps before its last copies go). The medians make the rule agree with the
 membership-inference AUC: with one forget item, the loss-threshold AUC of that item against the held-out set is
 the fraction of held-out items whose loss is above it, 0.5 exactly at the held-out median. A margin > 0 stops a
 little before the level, because the loss keeps rising between two validations.
@@ -21,8 +23,8 @@ resumed run that had stopped trains no further.
 
 Example:
     >>> rule = HeldoutLevelRule(margin=0.1)
-    >>> rule.reason({"step": 20, "forget_loss_median": 0.05, "heldout_level": 0.06})
-    'forget loss 0.05 >= (1 - 0.1) x held-out level 0.06 at step 20'
+    >>> rule.reason({"step": 20, "forget_loss_median": 0.055, "heldout_level": 0.06})
+    'forget loss 0.055 >= (1 - 0.1) x held-out level 0.06 at step 20'
     >>> rule.reason({"step": 10, "forget_loss_median": 0.01, "heldout_level": 0.06}) is None
     True
 """
@@ -35,7 +37,7 @@ from typing import Any, Optional
 
 import torch
 
-DEFAULT_MARGIN = 0.1
+DEFAULT_MARGIN = 0.05
 STOP_KEY = "stopped"  # the validation-history entry of the stopping step holds the reason under this key
 
 
@@ -92,6 +94,8 @@ class HeldoutLevelRule:
         if not entry or "forget_loss_median" not in entry:
             return None
         forget, level = entry["forget_loss_median"], entry["heldout_level"]
+        if entry.get("memorization_rate"):  # copies among the validation samples: not forgotten yet
+            return None
         if forget >= (1.0 - self.margin) * level:
             return f"forget loss {forget:.4g} >= (1 - {self.margin:g}) x held-out level {level:.4g} at step {entry['step']}"
         return None
@@ -101,7 +105,7 @@ class HeldoutLevelRule:
         stopped = stopped_entry(history)
         return {
             "rule": "heldout_level",
-            "criterion": "median forget loss >= (1 - margin) x median held-out loss, at each validation",
+            "criterion": "median forget loss >= (1 - margin) x median held-out loss, and no copy among the validation samples, at each validation",
             "margin": self.margin,
             "stopped_at_step": stopped["step"] if stopped else None,
             "reason": stopped[STOP_KEY] if stopped else "the level was not reached before --max_train_steps",

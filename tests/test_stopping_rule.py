@@ -53,6 +53,9 @@ def test_rule_decision_and_measure():
     assert "step 3" in rule.reason({"step": 3, "forget_loss_median": 0.25, "heldout_level": 0.25})
     assert HeldoutLevelRule(margin=0.1).reason({"step": 3, "forget_loss_median": 0.23, "heldout_level": 0.25})
     assert rule.reason({"step": 3}) is None and rule.reason(None) is None  # a validation without the losses
+    # At the level, but a validation sample is still a copy of a forget item: not yet.
+    assert rule.reason({"step": 3, "forget_loss_median": 0.3, "heldout_level": 0.25, "memorization_rate": 0.01}) is None
+    assert rule.reason({"step": 3, "forget_loss_median": 0.3, "heldout_level": 0.25, "memorization_rate": 0.0})
     level = rule.measure(torch.tensor([0.3]), torch.tensor([0.1, 0.2, 0.4, 0.5, 0.6]))
     assert level["forget_loss_median"] == pytest.approx(0.3) and level["heldout_level"] == pytest.approx(0.4)
     assert level["mia_auc"] == pytest.approx(0.6)  # 3 of 5 held-out losses are above the forget item's
@@ -174,3 +177,21 @@ def test_two_processes_stop_together(workspace, tmp_path):
     report = report_of(out)
     assert report["num_processes"] == 2 and report["stopping"]["stopped_at_step"] == 2
     assert checkpoints(out) == ["checkpoint-2"]
+
+
+def test_sd_script_stops_and_records_it(tmp_path_factory, tmp_path, rising_forget_loss):
+    """train_unlearn_sd.py on the tiny random SD pipeline: the same rule, the same record and checkpoint."""
+    import test_train_sd
+    import train_unlearn_sd
+
+    sd_workspace = test_train_sd.workspace.__wrapped__(tmp_path_factory)
+    out = tmp_path / "sd"
+    train_unlearn_sd.main(train_unlearn_sd.parse_args(test_train_sd.base_args(
+        sd_workspace, out, "--max_train_steps", "10", "--checkpointing_steps", "100",
+        "--stop_at_heldout_level", "--heldout_level_margin", "0",
+    )))
+    report = report_of(out)
+    assert report["stopping"]["stopped_at_step"] == 6
+    assert [e["step"] for e in report["validation"]] == [2, 4, 6]
+    assert rising_forget_loss == [(2, 2)] * 3  # the two forget images and the two held-out ones
+    assert checkpoints(out) == ["checkpoint-6"]
