@@ -50,6 +50,7 @@ from diffusers_unlearn.metrics import (
     predict_labels,
     pul,
 )
+from diffusers_unlearn.metrics.copy_detection import PIXEL, PixelCopyDetector, add_copy_detector_arguments, copy_detector_threshold, detector_fingerprint, load_copy_detector
 from diffusers_unlearn.noise import NoiseSchedule
 from diffusers_unlearn.outputs import StagedRun, check_output_dir, exclusive_output_dir
 from diffusers_unlearn.objectives import (
@@ -141,6 +142,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_validation_images", type=int, default=64)
     parser.add_argument("--num_eval_samples", type=int, default=1024)
     parser.add_argument("--memorization_threshold", type=float, default=None, help="Pixel L2 in [0,1] units. Default: toy threshold, else half the forget-to-keep distance.")
+    add_copy_detector_arguments(parser)
     parser.add_argument("--near_duplicate_distance", type=float, default=None, help="Pixel L2 ([0,1] units, at the model resolution) below which a keep image counts as a copy of a forget image (the same picture in another encoding, such as JPEG) and is removed from the keep set with a notice; 0 removes exact copies only. Default: an RMS pixel difference of 0.04, i.e. 0.04 * sqrt(channels * resolution^2).")
     parser.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance for class-conditional sampling.")
     parser.add_argument("--class_min_confidence", type=float, default=0.5, help="Class unlearning: a sample counts as --forget_class only if the classifier gives it this probability (0: plain arg-max). Keeps noise, which an arg-max labels as some class, out of the count.")
@@ -183,7 +185,7 @@ def parse_args(argv=None):
         args.learning_rate = 5e-3 if args.train_mode == "lora" else 1e-4
     check_stopping_arguments(parser, args, has_heldout=bool(args.heldout_data_dir) or unlearn_data.TOY_DATASET in (args.forget_dataset_name, args.keep_dataset_name))
     check_number_flags(parser, args)
-    if args.keep_from_generations and not args.using_toy and args.keep_generation_threshold is None and args.memorization_threshold is None:
+    if args.keep_from_generations and not args.using_toy and args.keep_generation_threshold is None and args.memorization_threshold is None and args.copy_detector == PIXEL:
         # Without a keep set there is no distance to derive a threshold from.
         parser.error("--keep_from_generations needs --keep_generation_threshold or --memorization_threshold (pixel L2 in [0,1] units) to tell forget copies apart.")
     check_model_path(args.pretrained_model_name_or_path, DDPM)
@@ -200,6 +202,7 @@ def check_inputs(args):
             unlearn_data.check_image_folder(folder, what)
     if not os.path.isdir(args.pretrained_model_name_or_path):  # a Hub id: its model_index.json, not the weights
         check_hub_model(args.pretrained_model_name_or_path, DDPM, args.revision, args.cache_dir)
+    copy_detector_threshold(args, ("memorization_threshold", "keep_generation_threshold"))  # the detector's folder and units
 
 
 def load_sets(args, unet, resolution, channels, is_conditional):
@@ -245,6 +248,8 @@ def batch_of(images: unlearn_data.ImageSet, with_labels: bool) -> DenoisingBatch
 def main(args):
     started = time.time()
     check_inputs(args)
+    # A feature copy detector loads now (a bad model fails before the DDPM loads); pixel gets its threshold later.
+    copy_detector = load_copy_detector(args.copy_detector, copy_detector_threshold(args, ("memorization_threshold", "keep_generation_threshold")), cache_dir=args.cache_dir)
     accelerator = make_accelerator(args)
     fsdp = check_sharding_arguments(accelerator, args)
     check_stopping_with_sharding(args, fsdp)
@@ -278,6 +283,13 @@ def main(args):
         elif keep is not None:
             threshold = unlearn_data.memorization_threshold_from_keep(forget, keep)
             logger.info(f"Memorization threshold: {threshold:.3f} (half the forget-to-keep distance).")
+    # One copy detector for the memorization rate and the keep filter (pixel L2 at `threshold` by default).
+    detector = None
+    if copy_detector.kind != PIXEL:
+        detector = copy_detector.to(accelerator.device)
+        threshold = None if class_unlearning else detector.threshold
+    elif threshold is not None:
+        detector = copy_detector.with_threshold(threshold)
 
     classifier = None
     if args.classifier_dir or (resolution == 8 and channels == 1):
@@ -303,7 +315,8 @@ def main(args):
 
     if args.keep_from_generations:
         generations = sample(unet, args.keep_from_generations, args.seed + 1)
-        far, near = unlearn_data.filter_far_from(generations, forget.images, args.keep_generation_threshold or threshold)
+        keep_detector = PixelCopyDetector(args.keep_generation_threshold) if args.keep_generation_threshold else detector
+        far, near = unlearn_data.filter_far_from(generations, forget.images, copy_detector=keep_detector)
         logger.info(f"--keep_from_generations: {len(far)} generations kept, {len(near)} rejected as forget copies.")
         if len(far) == 0:
             raise UserInputError("Every generation is close to a forget image: the keep set is empty. Raise --keep_from_generations or lower --keep_generation_threshold.")
@@ -315,7 +328,7 @@ def main(args):
     if objective.needs_keep and keep is None:
         raise UserInputError(f"--method {args.method} needs a keep set: --keep_data_dir, --keep_dataset_name or --keep_from_generations.")
     # A checkpoint of another run (other data, method or settings) is refused before any evaluation.
-    fingerprint = script_fingerprint(args, objective, forget, keep, use_ema=args.use_ema, ema_max_decay=args.ema_max_decay)
+    fingerprint = script_fingerprint(args, objective, forget, keep, use_ema=args.use_ema, ema_max_decay=args.ema_max_decay, **detector_fingerprint(detector))
     resume_path = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, fingerprint, args.max_train_steps)
 
     # Evaluation (main process), before training; same seeds after training.
@@ -339,6 +352,7 @@ def main(args):
             samples, denoiser=denoiser, forget=eval_forget, keep=eval_keep, heldout=eval_heldout,
             classifier=classifier, reference_features=reference_features,
             memorization_threshold=None if class_unlearning else threshold, seed=args.seed,
+            copy_detector=None if class_unlearning else detector,
         )
         if class_unlearning:
             forget_samples = sample(model, args.num_eval_samples, args.seed + 7, args.forget_class)
@@ -474,6 +488,7 @@ def main(args):
             "train_batch_size": args.train_batch_size,
             "learning_rate": args.learning_rate,
             "memorization_threshold": threshold,
+            "copy_detector": detector.describe() if detector is not None and not class_unlearning else None,
             "num_eval_samples": args.num_eval_samples,
             "num_processes": accelerator.num_processes,
             "wall_seconds": wall,

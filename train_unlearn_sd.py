@@ -51,6 +51,7 @@ from diffusers_unlearn.lora import (
     trainable_parameters,
 )
 from diffusers_unlearn.metrics import denoising_losses, memorization_rate, mia_auc
+from diffusers_unlearn.metrics.copy_detection import PIXEL, PixelCopyDetector, add_copy_detector_arguments, copy_detector_threshold, detector_fingerprint, load_copy_detector
 from diffusers_unlearn.outputs import StagedRun, check_output_dir, exclusive_output_dir
 from diffusers_unlearn.objectives import DenoisingBatch, Denoiser, get_objective, hyperparameters_from_flags
 from diffusers_unlearn.pipelines.text_to_image import generate_images
@@ -158,6 +159,7 @@ def parse_args(argv=None):
     parser.add_argument("--precondition_outputs", type=int, default=None, choices=[0, 1], help="SD3: regress x0 = x_sigma - sigma * v onto the clean latents, as train_dreambooth_lora_sd3.py's flag. Default: 0.")
     parser.add_argument("--eval_batch_size", type=int, default=64)
     parser.add_argument("--memorization_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation copies a forget image. Default: the toy's threshold, else an RMS pixel difference of 0.1.")
+    add_copy_detector_arguments(parser)
     parser.add_argument("--near_duplicate_distance", type=float, default=None, help="Pixel L2 ([0,1] units, at the training resolution) below which a keep image counts as a copy of a forget image (the same picture in another encoding, such as JPEG) and is removed from the keep set with a notice; 0 removes exact copies only. Default: an RMS pixel difference of 0.04, i.e. 0.04 * sqrt(3 * resolution^2).")
     parser.add_argument("--num_other_prompt_images", type=int, default=32, help="Toy only: generations per other digit prompt for the digit accuracy.")
     parser.add_argument("--noise_norm_generations", type=int, default=4, help="Generations per prompt for the noise-norm score (0 disables it).")
@@ -296,6 +298,7 @@ def check_inputs(args):
         unlearn_data.check_prompted_images(args.forget_images, args.forget_prompts or [], "forget")
     if args.memorized_prompts_file:
         unlearn_data.read_prompts_file(args.memorized_prompts_file)
+    copy_detector_threshold(args, ("memorization_threshold", "keep_generation_threshold"))  # the detector's folder and units
     if args.dataset_name or args.train_data_dir:  # opens the dataset and checks its columns
         open_keep_dataset(args)
     if not os.path.isdir(args.pretrained_model_name_or_path):  # a Hub id: its model_index.json, not the weights
@@ -307,10 +310,12 @@ def open_keep_dataset(args):
     return unlearn_data.open_text_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column, args.caption_column, args.cache_dir)
 
 
-def load_forget_and_keep(args, pipe, resolution, threshold):
+def load_forget_and_keep(args, pipe, resolution, threshold, detector=None):
     """Forget and keep sets as images with prompts, validated before any training. Image files are prepared as
     train_text_to_image_lora.py prepares them (shorter side resized with --image_interpolation_mode); each set
-    holds its centre crops, and the resized images for per-draw crops and flips."""
+    holds its centre crops, and the resized images for per-draw crops and flips. Forget copies among
+    generations are found by `detector` (--copy_detector; default pixel L2 below `threshold`)."""
+    detector = detector or PixelCopyDetector(threshold)
     channels = pipe.vae.config.in_channels
     interpolation = args.image_interpolation_mode
     keep = None
@@ -319,7 +324,7 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
     elif args.forget_images:
         forget = unlearn_data.load_prompted_images(args.forget_images, args.forget_prompts or [], resolution, channels, "forget", interpolation=interpolation)
     elif args.memorized_prompts_file:
-        forget, keep = forget_from_generations(args, pipe, unlearn_data.read_prompts_file(args.memorized_prompts_file), threshold, resolution)
+        forget, keep = forget_from_generations(args, pipe, unlearn_data.read_prompts_file(args.memorized_prompts_file), detector, resolution)
     else:  # the toy: its canary, under the prompt it shares with one digit class
         from diffusers_unlearn.toy.text_to_image import canary_forget_set
 
@@ -336,7 +341,8 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
         kept, texts = [], []
         for prompt, images in zip(prompts, generations):
             own = forget.images[[i for i, text in enumerate(forget.texts) if text == prompt]]
-            far, near = unlearn_data.filter_far_from(images, own, args.keep_generation_threshold or threshold)
+            keep_detector = detector.with_threshold(args.keep_generation_threshold) if args.keep_generation_threshold else detector
+            far, near = unlearn_data.filter_far_from(images, own, copy_detector=keep_detector)
             logger.info(f"--keep_from_generations, {prompt!r}: {len(far)} generation(s) kept, {len(near)} rejected as forget copies.")
             kept.append(far)
             texts += [prompt] * len(far)
@@ -359,15 +365,16 @@ def load_forget_and_keep(args, pipe, resolution, threshold):
     return forget, keep, heldout
 
 
-def forget_from_generations(args, pipe, prompts, threshold, resolution):
+def forget_from_generations(args, pipe, prompts, detector, resolution):
     """SISS's recipe for memorized prompts without images: per prompt, the generations that collapse onto one
-    image are the forget set and the others the keep set (both under that prompt)."""
+    image (copies of each other by `detector`, --copy_detector) are the forget set and the others the keep set
+    (both under that prompt)."""
     generations = generate_images(pipe, prompts, args.num_forget_generations, seed=args.seed + 2, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution, max_sequence_length=args.sampling_max_sequence_length)
     forget_images, forget_texts, keep_images, keep_texts = [], [], [], []
     for prompt, images in zip(prompts, generations):
-        members = unlearn_data.largest_cluster(images, threshold)
+        members = unlearn_data.largest_cluster(images, copy_detector=detector)
         if len(members) < 2:
-            logger.warning(f"{prompt!r}: no two of {len(images)} generations are within {threshold:.3f}; it does not look memorized and is skipped.")
+            logger.warning(f"{prompt!r}: no two of {len(images)} generations are copies ({detector.name}, threshold {detector.threshold:.3f}); it does not look memorized and is skipped.")
             continue
         others = [i for i in range(len(images)) if i not in members]
         logger.info(f"{prompt!r}: {len(members)} of {len(images)} generations form the memorized cluster.")
@@ -376,7 +383,7 @@ def forget_from_generations(args, pipe, prompts, threshold, resolution):
         keep_images.append(images[others])
         keep_texts += [prompt] * len(others)
     if not forget_texts:
-        raise unlearn_data.DataError(f"No prompt of {args.memorized_prompts_file} produced a cluster of near-identical generations; nothing to forget. Raise --num_forget_generations or --memorization_threshold.")
+        raise unlearn_data.DataError(f"No prompt of {args.memorized_prompts_file} produced a cluster of near-identical generations; nothing to forget. Raise --num_forget_generations, or --memorization_threshold (pixel) / lower --copy_similarity_threshold (features).")
     forget = torch.cat(forget_images)
     forget_set = unlearn_data.ImageSet(forget, [unlearn_data.pixel_hash(x) for x in forget], [f"generation/{i}" for i in range(len(forget))], None, forget_texts)
     keep_set = None
@@ -390,6 +397,8 @@ def forget_from_generations(args, pipe, prompts, threshold, resolution):
 def main(args):
     started = time.time()
     check_inputs(args)
+    # A feature copy detector loads now (a bad model fails before the pipeline loads); pixel gets its threshold later.
+    copy_detector = load_copy_detector(args.copy_detector, copy_detector_threshold(args, ("memorization_threshold", "keep_generation_threshold")), revision=None, cache_dir=args.cache_dir)
     accelerator = make_accelerator(args)
     if args.bnb_quantization_config is not None and accelerator.distributed_type == DistributedType.FSDP:
         raise UserInputError("--bnb_quantization_config_path does not work under FSDP (a quantised base cannot be sharded here): launch the LoRA run with DDP (examples/accelerate_ddp.yaml) or on one GPU.")
@@ -453,10 +462,13 @@ def main(args):
             threshold = SD_MEMORIZATION_THRESHOLD
         else:
             threshold = 0.1 * (vae_config["in_channels"] * resolution * resolution) ** 0.5
+    # One copy detector for the memorization rate, the keep filter and the memorized-cluster check.
+    detector = copy_detector.with_threshold(threshold) if copy_detector.kind == PIXEL else copy_detector.to(device)
+    threshold = detector.threshold  # in the detector's units (pixel L2, or cosine similarity)
 
     # Data, validated before any training; then latents and prompt embeddings, computed once.
     with accelerator.autocast():  # generations (--keep_from_generations, --memorized_prompts_file)
-        forget, keep, heldout = load_forget_and_keep(args, pipe, resolution, threshold)
+        forget, keep, heldout = load_forget_and_keep(args, pipe, resolution, threshold, detector)
     for image_set in (forget, keep, heldout):
         if image_set is not None:
             unlearn_data.log_notices(image_set, logger.info)
@@ -488,7 +500,7 @@ def main(args):
     if objective.needs_keep and len(keep) == 0:
         raise UserInputError(f"--method {args.method} needs a keep set.")
     # A checkpoint of another run (other data, method or settings) is refused before any evaluation.
-    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution, model_family=family.name, family_options=family.options(), vae=args.pretrained_vae_model_name_or_path, **official_fingerprint_entries(args), **quantization_fingerprint_entries(args.bnb_quantization_config))
+    fingerprint = script_fingerprint(args, objective, forget, keep, train_text_encoder=args.train_text_encoder, resolution=resolution, model_family=family.name, family_options=family.options(), vae=args.pretrained_vae_model_name_or_path, **official_fingerprint_entries(args), **quantization_fingerprint_entries(args.bnb_quantization_config), **detector_fingerprint(detector))
     resume_path = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, fingerprint, args.max_train_steps)
 
     # Evaluation (main process), before training; the same seeds after training.
@@ -514,7 +526,7 @@ def main(args):
         rates = []
         for prompt, images in zip(forget_prompts, generations):
             own = forget.images[[i for i, text in enumerate(forget.texts) if text == prompt]]
-            rate = memorization_rate(images, own, threshold)
+            rate = memorization_rate(images, own, copy_detector=detector)
             rates.append(rate)
             per_prompt[prompt] = {"memorization_rate": rate}
         report["memorization_rate"] = sum(rates) / len(rates)
@@ -530,7 +542,7 @@ def main(args):
             if toy_prompts:
                 report["other_prompts_noise_norm"] = sum(scores[len(forget_prompts):]) / len(toy_prompts)
         if classifier is not None:
-            report.update(toy_quality(pipe, classifier, toy_prompts, forget_prompts, generations, forget.images, threshold, per_prompt, args, resolution))
+            report.update(toy_quality(pipe, classifier, toy_prompts, forget_prompts, generations, forget.images, detector, per_prompt, args, resolution))
         denoiser = Denoiser(model, schedule, call=family.call)
         sets = {"forget": forget_cache, "keep": keep_cache}
         if heldout_cache is not None:
@@ -660,7 +672,7 @@ def main(args):
         model.train()
         if validation_prompt in forget_prompts:
             own = forget.images[[i for i, text in enumerate(forget.texts) if text == validation_prompt]]
-            logs["validation/memorization_rate"] = memorization_rate(images, own, threshold)
+            logs["validation/memorization_rate"] = memorization_rate(images, own, copy_detector=detector)
         accelerator.log(logs, step=step)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
@@ -734,6 +746,7 @@ def main(args):
             "bnb_quantization": quantization_summary(args.bnb_quantization_config),
             "resolution": resolution,
             "memorization_threshold": threshold,
+            "copy_detector": detector.describe(),
             "num_processes": accelerator.num_processes,
             "wall_seconds": wall,
             "metrics": {"before": before, "after": after},
@@ -752,10 +765,9 @@ def main(args):
     accelerator.end_training()
 
 
-def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generations, forget_images, threshold, per_prompt, args, resolution):
+def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generations, forget_images, detector, per_prompt, args, resolution):
     """The tiny toy only: digit accuracy (the bundled classifier) of every prompt's generations; for the forget
-    prompt, canary copies are left out so the accuracy measures the normal images."""
-    from diffusers_unlearn.metrics import nearest_distances
+    prompt, canary copies (by `detector`) are left out so the accuracy measures the normal images."""
     from diffusers_unlearn.toy.text_to_image import DIGIT_PROMPTS, digit_accuracy
 
     report = {}
@@ -767,7 +779,7 @@ def toy_quality(pipe, classifier, toy_prompts, forget_prompts, forget_generation
         accuracies.append(accuracy)
     for prompt, images in zip(forget_prompts, forget_generations):
         if prompt in DIGIT_PROMPTS:
-            normal = images[nearest_distances(images, forget_images) >= threshold]
+            normal = images[~detector.is_copy(images, forget_images)]
             per_prompt[prompt]["digit_accuracy"] = digit_accuracy(classifier, normal, DIGIT_PROMPTS.index(prompt)) if len(normal) else None
     if accuracies:
         report["other_prompts_digit_accuracy"] = sum(accuracies) / len(accuracies)

@@ -606,10 +606,11 @@ def memorization_threshold_from_keep(forget: ImageSet, keep: ImageSet) -> float:
 
 
 def filter_far_from(
-    candidates: torch.Tensor, forget_images: torch.Tensor, threshold: float
+    candidates: torch.Tensor, forget_images: torch.Tensor, threshold: Optional[float] = None, *, copy_detector=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split generated images into (far, near) by pixel L2 distance (in [0, 1] pixel units). The far ones can
-    serve as a keep set.
+    """Split generated images into (far, near) by pixel L2 distance (in [0, 1] pixel units), or by the
+    `copy_detector` given (`metrics.copy_detection`; then `threshold` is not used). The far ones can serve as a
+    keep set.
 
     A candidate is near if it lies within `threshold` of a forget image, or of a candidate already found near:
     copies of a memorized image scatter around it, and a copy just outside the threshold is usually close to
@@ -618,10 +619,11 @@ def filter_far_from(
     Example:
         >>> far, near = filter_far_from(generations, forget_images, threshold=2.0)  # doctest: +SKIP
     """
-    points = ((candidates.float() + 1) / 2).flatten(1)
-    anchors = ((forget_images.float() + 1) / 2).flatten(1)
-    near = torch.cdist(points, anchors).min(dim=1).values < threshold
-    between = torch.cdist(points, points)
+    detector = _copy_detector(copy_detector, threshold)
+    points, anchors = detector.embed(candidates), detector.embed(forget_images)
+    threshold = detector.distance_threshold
+    near = detector.distances_between(points, anchors).min(dim=1).values < threshold
+    between = detector.distances_between(points, points)
     while True:  # grow the near set through chains of close candidates
         grown = near | (between[:, near] < threshold).any(dim=1)
         if torch.equal(grown, near):
@@ -729,14 +731,27 @@ def read_prompts_file(path: str | os.PathLike, field: str = "caption") -> list[s
     return prompts
 
 
-def largest_cluster(images: torch.Tensor, threshold: float) -> list[int]:
+def _copy_detector(copy_detector, threshold: Optional[float]):
+    """The detector to use: the one given, else pixel L2 at `threshold`."""
+    if copy_detector is not None:
+        return copy_detector
+    if threshold is None:
+        raise ValueError("Give a pixel threshold or a copy_detector.")
+    from .metrics.copy_detection import PixelCopyDetector
+
+    return PixelCopyDetector(threshold)
+
+
+def largest_cluster(images: torch.Tensor, threshold: Optional[float] = None, *, copy_detector=None) -> list[int]:
     """Indices of the largest group of near-identical images: each member lies within `threshold` (pixel L2 in
-    [0, 1] units) of the group's most connected image. A memorized prompt makes many generations collapse onto
-    the training image, so that group is the memorized content (SISS built its Stable Diffusion forget sets this
-    way). Returns a single index when no two images are that close."""
-    flat = ((images.float() + 1) / 2).flatten(1)
-    distances = torch.cdist(flat, flat)
-    neighbours = distances < threshold
+    [0, 1] units), or is a copy by `copy_detector` (`metrics.copy_detection`), of the group's most connected
+    image. A memorized prompt makes many generations collapse onto the training image, so that group is the
+    memorized content (SISS built its Stable Diffusion forget sets this way; Carlini et al. 2023 flag a prompt
+    whose generations form such a group). Returns a single index when no two images are that close."""
+    detector = _copy_detector(copy_detector, threshold)
+    flat = detector.embed(images)
+    distances = detector.distances_between(flat, flat)
+    neighbours = distances < detector.distance_threshold
     center = int(neighbours.sum(dim=1).argmax())
     return [i for i in range(len(images)) if bool(neighbours[center, i])]
 

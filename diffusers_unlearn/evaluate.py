@@ -82,6 +82,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--output", default=None, help="Write the JSON report here (it is printed either way).")
+    from .metrics.copy_detection import add_copy_detector_arguments
+
+    add_copy_detector_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -93,6 +96,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise EvaluationInputError(f"--seed must be >= 0, got {args.seed}.")
     if args.memorization_threshold is not None and not args.memorization_threshold > 0:
         raise EvaluationInputError(f"--memorization_threshold must be > 0, got {args.memorization_threshold}.")
+    from .metrics.copy_detection import copy_detector_threshold
+
+    copy_detector_threshold(args)  # the detector's folder and threshold units, before any model loads
     model_dir = Path(args.pretrained_model_name_or_path)
     for required in ("unet", "scheduler"):
         if not (model_dir / required).is_dir():
@@ -195,6 +201,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 2. Models.
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    copy_detector = None  # --copy_detector pixel: the pixel distance at --memorization_threshold, as before
+    if args.copy_detector != "pixel":
+        from .metrics.copy_detection import load_copy_detector
+
+        copy_detector = load_copy_detector(args.copy_detector, args.copy_similarity_threshold, device=device)
     unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet")
     if args.adapter is not None:
         from .lora import load_lora_weights
@@ -240,9 +251,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         num_timesteps=args.num_timesteps,
         noise_draws=args.noise_draws,
         batch_size=args.batch_size,
+        copy_detector=copy_detector,
     )
     report.update(
         {
+            **({"copy_detector": copy_detector.describe()} if copy_detector is not None else {}),
             "model": str(model_dir),
             "adapter": args.adapter,
             "sampler": sampler,

@@ -92,6 +92,13 @@ def write_model_card(
             f"\nTrained on {bits} bitsandbytes-quantised base (`{json.dumps(settings, sort_keys=True)}`); "
             "the adapter loads into the unquantised base as below.\n"
         )
+    copies = ""
+    detector = report.get("copy_detector")
+    if detector:  # --copy_detector: what the memorization rate counted as a copy
+        copies = (
+            f"\nCopy detection: `{detector.get('name')}`, threshold {_format(detector.get('threshold'))} "
+            f"({detector.get('threshold_units')}).\n"
+        )
     gallery = ""
     for caption, file_name in (images or {}).items():
         gallery += f"\n**{caption}**\n\n![{caption}](./{file_name})\n"
@@ -105,7 +112,7 @@ Trained for {report.get('max_train_steps', '?')} steps (seed {report.get('seed')
 ## Measured effect (same sampling seeds before and after)
 
 {metrics_table(report)}
-{per_prompt}
+{copies}{per_prompt}
 Forgotten items (SHA-256 of the decoded pixels): {', '.join(i['sha256'][:16] + '…' for i in items[:10])}
 
 Hyperparameters: `{json.dumps(report.get('hyperparameters', {}), sort_keys=True)}`

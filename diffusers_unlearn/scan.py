@@ -10,6 +10,12 @@ Flux, the empty prompt through the same model with the same guidance embedding; 
 `diffusers_unlearn.metrics.noise_norm`). Memorized prompts score high. The output is JSON lines sorted
 by score, `{"caption": ..., "noise_norm": ..., "rank": ...}`, which `train_unlearn_sd.py --memorized_prompts_file`
 reads directly. The prompts file is JSON lines with a `caption` field or plain text, one prompt per line.
+
+With `--num_cluster_generations N` each prompt also gets the cluster check: the fraction of N seeded generations
+in their largest group of mutual copies (`cluster_fraction`; Carlini et al. 2023 flag a prompt whose generations
+collapse onto one image), judged by `--copy_detector` (pixel L2 below `--memorization_threshold`, or the cosine
+similarity of an image model's features above `--copy_similarity_threshold`), the same detector and check as
+`train_unlearn_sd.py --memorized_prompts_file` uses to find the memorized image.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    from .metrics.copy_detection import add_copy_detector_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Hub id or local folder. Default: the bundled tiny text-to-image toy.")
     parser.add_argument("--revision", type=str, default=None)
@@ -39,6 +47,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max_sequence_length", type=int, default=None, help="SD3/Flux: T5's padded prompt length (default 77 for SD3, 512 for Flux).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16, help="Samples (prompt x generation pairs) per UNet call; each call also runs the empty-prompt branch.")
+    parser.add_argument("--num_cluster_generations", type=int, default=0, help="Also run the cluster check on this many seeded generations per prompt (0: off; at least 2). Adds 'cluster_fraction' to each row.")
+    add_copy_detector_arguments(parser)
+    parser.add_argument("--memorization_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which two generations are copies, for --copy_detector pixel. Default: an RMS pixel difference of 0.1.")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", type=str, default="float32", choices=["float32", "float16", "bfloat16"])
     return parser.parse_args(argv)
@@ -73,6 +84,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for flag in ("num_generations", "num_inference_steps", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    detector = None
+    if args.num_cluster_generations:
+        from .metrics.copy_detection import copy_detector_threshold, load_copy_detector
+
+        if args.num_cluster_generations < 2:
+            raise ValueError(f"--num_cluster_generations must be 0 (off) or >= 2, got {args.num_cluster_generations}.")
+        detector = load_copy_detector(args.copy_detector, copy_detector_threshold(args), device=args.device)
+    elif args.copy_detector != "pixel" or args.copy_similarity_threshold is not None or args.memorization_threshold is not None:
+        raise ValueError("--copy_detector, --copy_similarity_threshold and --memorization_threshold apply to the cluster check: add --num_cluster_generations N.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda needs a CUDA GPU; use --device cpu.")
     path = args.pretrained_model_name_or_path
@@ -109,12 +129,26 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     )
     order = sorted(range(len(prompts)), key=lambda i: -scores[i])
     rows = [{"caption": prompts[i], "noise_norm": scores[i], "rank": rank + 1} for rank, i in enumerate(order)]
+    if detector is not None:
+        from .metrics.copy_detection import generation_cluster_fractions
+
+        fractions = generation_cluster_fractions(
+            pipe, prompts, detector, num_generations=args.num_cluster_generations, seed=args.seed,
+            num_inference_steps=args.num_inference_steps, guidance_scale=guidance_scale, batch_size=args.batch_size,
+            height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
+        )
+        description = detector.describe()
+        for row, i in zip(rows, order):
+            row["cluster_fraction"] = fractions[i]
+            row["copy_detector"] = description["name"]
     if args.top_k is not None:
         rows = rows[: args.top_k]
     write_jsonl_atomic(args.output_file, rows)
-    print(f"{'rank':>4s} {'noise norm':>11s}  prompt")
+    cluster = detector is not None
+    print(f"{'rank':>4s} {'noise norm':>11s}" + (f"{'cluster':>8s}" if cluster else "") + "  prompt")
     for row in rows:
-        print(f"{row['rank']:4d} {row['noise_norm']:11.4f}  {row['caption'][:100]}")
+        fraction = f"{row['cluster_fraction']:8.3f}" if cluster else ""
+        print(f"{row['rank']:4d} {row['noise_norm']:11.4f}{fraction}  {row['caption'][:100]}")
     print(f"Wrote {len(rows)} prompt(s) to {args.output_file}.")
     return rows
 

@@ -137,15 +137,17 @@ def nearest_distances(
 def memorization_rate(
     samples: torch.Tensor,
     forget_images: torch.Tensor,
-    threshold: float,
+    threshold: Optional[float] = None,
     *,
     feature_fn: Optional[FeatureFn] = None,
     batch_size: int = 256,
+    copy_detector=None,
 ) -> float:
     """Fraction of samples whose nearest forget image is closer than `threshold` (strictly).
 
     Distances are those of `nearest_distances`: L2 in [0, 1] pixel units, or cosine distance in the features of
-    `feature_fn`. Returns a number in [0, 1]; multiply by the number of samples for the count.
+    `feature_fn`. With `copy_detector` (`metrics.copy_detection.CopyDetector`), the fraction it flags as copies;
+    `threshold` is then not used. Returns a number in [0, 1]; multiply by the number of samples for the count.
 
     Example:
         >>> canary = torch.ones(1, 1, 8, 8)
@@ -153,6 +155,12 @@ def memorization_rate(
         >>> memorization_rate(samples, canary, threshold=1.0)   # the copy and the near-copy
         0.6666666666666666
     """
+    if copy_detector is not None:
+        if feature_fn is not None:
+            raise ValueError("Give feature_fn or copy_detector, not both.")
+        return float(copy_detector.is_copy(samples, forget_images, batch_size=batch_size).double().mean().item())
+    if threshold is None:
+        raise ValueError("memorization_rate needs a threshold or a copy_detector.")
     threshold = float(threshold)
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}.")

@@ -46,6 +46,7 @@ def evaluate_ddpm(
     feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     include_kl: bool = False,
     batch_size: int = 256,
+    copy_detector=None,
 ) -> dict[str, Any]:
     """Compute the shared metric suite for a DDPM and its generated samples; returns a JSON-ready dict.
 
@@ -55,7 +56,8 @@ def evaluate_ddpm(
     - `num_samples`, `eval_seed`, `loss_num_timesteps`, `loss_noise_draws`: always;
     - `memorization_rate`, `memorization_count`: with `memorization_threshold` and a non-empty `forget` set;
       the fraction / number of samples closer than the threshold to a forget image (pixel L2 in [0, 1] units, or
-      cosine distance in `feature_fn`'s features);
+      cosine distance in `feature_fn`'s features); with `copy_detector` (`metrics.copy_detection`), the samples
+      it flags as copies (`memorization_threshold` is then the detector's own threshold);
     - `forget_class_rate`, `forget_class_count`: with `forget_class` (needs `classifier`); the fraction / number
       of samples the classifier assigns to that class with probability >= `class_min_confidence` (0 counts the
       plain arg-max). `pul_from_reports` turns two counts into PUL;
@@ -93,13 +95,20 @@ def evaluate_ddpm(
         "loss_noise_draws": int(noise_draws),
     }
 
-    if memorization_threshold is not None:
+    if copy_detector is not None and feature_fn is not None:
+        raise ValueError("Give feature_fn or copy_detector, not both.")
+    if memorization_threshold is not None or copy_detector is not None:
         if _non_empty(forget):
-            threshold = float(memorization_threshold)
-            if not threshold > 0:
-                raise ValueError(f"memorization_threshold must be > 0, got {threshold}.")
-            distances = nearest_distances(samples, forget.x0, feature_fn=feature_fn, batch_size=batch_size)
-            count = int((distances < threshold).sum().item())
+            if copy_detector is not None:
+                threshold = copy_detector.threshold
+                distances, _ = copy_detector.nearest(samples, forget.x0, batch_size=batch_size)
+                cutoff = copy_detector.distance_threshold
+            else:
+                threshold = cutoff = float(memorization_threshold)
+                if not threshold > 0:
+                    raise ValueError(f"memorization_threshold must be > 0, got {threshold}.")
+                distances = nearest_distances(samples, forget.x0, feature_fn=feature_fn, batch_size=batch_size)
+            count = int((distances < cutoff).sum().item())
             report["memorization_rate"] = count / report["num_samples"]
             report["memorization_count"] = count
             report["memorization_threshold"] = threshold

@@ -51,6 +51,7 @@ class FamilyUnlearningMixin(UnlearningMixin):
         memorization_threshold: Optional[float] = None,
         seed: int = 0,
         resolution: Optional[int] = None,
+        copy_detector=None,
         **hyperparameters,
     ) -> str:
         """Train an unlearning adapter on the denoiser in process and attach it (strength 1); returns its name.
@@ -58,8 +59,8 @@ class FamilyUnlearningMixin(UnlearningMixin):
         As `UnlearningMixin.unlearn` for a text-to-image pipeline: `forget` (and `keep`) are `(image, prompt)`
         pairs, images as PIL or [-1, 1] tensors (C, H, W); without `keep`, `keep_from_generations` seeded
         generations per forget prompt (the pipeline's own sampling) that are farther than `memorization_threshold`
-        (pixel L2 in [0, 1] units; default an RMS difference of 0.1) from every forget image form the keep set.
-        Images and prompts are encoded by the model family with its default options (SDXL: `time_ids` for an
+        (pixel L2 in [0, 1] units; default an RMS difference of 0.1) from every forget image form the keep set
+        (or, with `copy_detector`, the generations it does not flag as copies). Images and prompts are encoded by the model family with its default options (SDXL: `time_ids` for an
         uncropped image at `resolution`; SD3: T5 padded to 77 tokens; Flux: 512, and the training guidance 3.5
         for a guidance-distilled transformer); the objective runs on the family's schedule (flow matching with
         velocity targets for SD3 and Flux) and calls the denoiser the family's way. The LoRA targets are the
@@ -98,7 +99,7 @@ class FamilyUnlearningMixin(UnlearningMixin):
                         generator=generator, output_type="pt",
                     ).images
                 generations.append(images.float().cpu() * 2 - 1)
-            keep_images, kept_prompts = _keep_far_generations(prompts, generations, forget_images, forget_prompts, threshold)
+            keep_images, kept_prompts = _keep_far_generations(prompts, generations, forget_images, forget_prompts, threshold, copy_detector)
         else:
             keep_images, kept_prompts = _pairs(keep, resolution, channels, "keep")
         device = denoiser.device

@@ -210,6 +210,7 @@ class UnlearningMixin:
         return_per_generation: bool = False,
         height: Optional[int] = None,
         width: Optional[int] = None,
+        copy_detector=None,
     ):
         """The noise-norm memorization score (Wen et al., ICLR 2024) of each prompt: the mean over the sampling
         steps of ||eps(x_t, prompt) - eps(x_t, "")||, averaged over `num_generations` seeded generations. High for
@@ -224,6 +225,12 @@ class UnlearningMixin:
         pixels the trajectories run at; they default to the model's native size, as the pipeline's own call does.
         See `diffusers_unlearn.metrics.noise_norm_scores`.
 
+        With `copy_detector` (a `metrics.copy_detection.CopyDetector`, e.g. `load_copy_detector("pixel", 2.0)`;
+        text-to-image only), the score is instead the cluster check: the fraction of the `num_generations` seeded
+        generations of each prompt that fall in their largest group of mutual copies (1/num_generations when no
+        two are copies, 1 when all are), the same check as `python -m diffusers_unlearn.scan
+        --num_cluster_generations` and `train_unlearn_sd.py --memorized_prompts_file`.
+
         Example:
             >>> pipe = UnlearnStableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
             >>> pipe.memorization_score(["The No Limits Business Woman Podcast", "a photo of a dog"])  # doctest: +SKIP
@@ -236,6 +243,17 @@ class UnlearningMixin:
         """
         from ..metrics.noise_norm import noise_norm_scores
 
+        if copy_detector is not None:
+            from ..metrics.copy_detection import generation_cluster_fractions
+
+            if not self._is_text_to_image or return_per_generation:
+                raise ValueError("memorization_score(copy_detector=...) scores text-to-image prompts, one number each.")
+            with _autocast_for(self._denoiser):
+                return generation_cluster_fractions(
+                    self, list(prompts), copy_detector, num_generations=num_generations, seed=seed,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size,
+                    height=height, width=width,
+                )
         return noise_norm_scores(
             self, list(prompts), num_generations=num_generations, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, return_per_generation=return_per_generation,
@@ -257,6 +275,7 @@ class UnlearningMixin:
         memorization_threshold: Optional[float] = None,
         seed: int = 0,
         resolution: Optional[int] = None,
+        copy_detector=None,
         **hyperparameters,
     ) -> str:
         """Train an unlearning adapter in process and attach it (strength 1); returns the adapter name.
@@ -270,6 +289,8 @@ class UnlearningMixin:
         square image size in pixels the text-to-image adapter trains and generates at (default: the model's
         native size); PIL images are resized to it and tensors must have it. A pipeline loaded in bfloat16 (or
         float16) keeps its weights so; the adapter trains in float32 under autocast. For a DDPM pipeline `forget` and `keep` are image tensors (N, C, H, W) in [-1, 1].
+        `copy_detector` (`metrics.copy_detection.load_copy_detector(...)`) replaces the pixel threshold in the
+        keep-from-generations filter, for example with DINOv2 features and a cosine-similarity threshold.
         `hyperparameters` go to the method (for example `scaling_norm=0.5` for SISS).
 
         Example:
@@ -303,7 +324,7 @@ class UnlearningMixin:
                 prompts = list(dict.fromkeys(forget_prompts))
                 with _autocast_for(self.unet):
                     generations = generate_images(self, prompts, keep_from_generations, seed=seed + 1, height=resolution, width=resolution)
-                keep_images, kept_prompts = _keep_far_generations(prompts, generations, forget_images, forget_prompts, threshold)
+                keep_images, kept_prompts = _keep_far_generations(prompts, generations, forget_images, forget_prompts, threshold, copy_detector)
             else:
                 keep_images, kept_prompts = _pairs(keep, resolution, channels, "keep")
 
@@ -331,15 +352,17 @@ class UnlearningMixin:
 def _keep_far_generations(
     prompts: list[str], generations: list[torch.Tensor], forget_images: torch.Tensor, forget_prompts: list[str],
     threshold: float,
+    copy_detector=None,
 ) -> tuple[torch.Tensor, list[str]]:
     """unlearn()'s keep set from generations: per prompt, the generations farther than `threshold` from that
-    prompt's forget images (and from every generation already rejected); returns (images, prompts)."""
+    prompt's forget images (and from every generation already rejected), or not copies of them by
+    `copy_detector` when one is given; returns (images, prompts)."""
     from ..data import filter_far_from
 
     kept, kept_prompts = [], []
     for prompt, images in zip(prompts, generations):
         own = forget_images[[i for i, p in enumerate(forget_prompts) if p == prompt]]
-        far, near = filter_far_from(images, own, threshold)
+        far, near = filter_far_from(images, own, threshold, copy_detector=copy_detector)
         logger.info(f"keep_from_generations, {prompt!r}: {len(far)} generation(s) kept, {len(near)} rejected as forget copies.")
         kept.append(far)
         kept_prompts += [prompt] * len(far)
