@@ -46,9 +46,12 @@ from diffusers_unlearn.metrics import (
     classifier_features,
     class_count,
     denoising_losses,
+    distance_to_retrain,
     evaluate_ddpm,
     predict_labels,
     pul,
+    query_losses,
+    retrain_reference,
 )
 from diffusers_unlearn.metrics.copy_detection import PIXEL, PixelCopyDetector, add_copy_detector_arguments, copy_detector_threshold, detector_fingerprint, load_copy_detector
 from diffusers_unlearn.noise import NoiseSchedule
@@ -147,6 +150,7 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance for class-conditional sampling.")
     parser.add_argument("--class_min_confidence", type=float, default=0.5, help="Class unlearning: a sample counts as --forget_class only if the classifier gives it this probability (0: plain arg-max). Keeps noise, which an arg-max labels as some class, out of the count.")
     parser.add_argument("--classifier_dir", type=str, default=None, help="A DigitsClassifier-style folder for FD and class rates (default: the toy classifier for toy-sized images).")
+    parser.add_argument("--retrained_model_name_or_path", type=str, default=None, help="A DDPM pipeline retrained without the forget data (the gold standard; for the toy's canary: diffusers_unlearn/toy/assets/ddpm_unconditional_retrained_without_canary). The report gains the distance to it before and after (fd_to_retrain, forget_loss_gap_to_retrain, mia_auc_vs_retrain, ...; docs/metrics.md) and its own metrics under retrained_model.")
     args = parser.parse_args(argv)
 
     # Cheap checks first: nothing expensive has happened yet.
@@ -189,6 +193,8 @@ def parse_args(argv=None):
         # Without a keep set there is no distance to derive a threshold from.
         parser.error("--keep_from_generations needs --keep_generation_threshold or --memorization_threshold (pixel L2 in [0,1] units) to tell forget copies apart.")
     check_model_path(args.pretrained_model_name_or_path, DDPM)
+    if args.retrained_model_name_or_path is not None:
+        check_model_path(args.retrained_model_name_or_path, DDPM)
     check_resume_argument(args)
     return args
 
@@ -333,6 +339,7 @@ def main(args):
 
     # Evaluation (main process), before training; same seeds after training.
     keep_classes = sorted(set(range(10)) - {args.forget_class}) if class_unlearning else None
+    retrain = None  # the retrained model's RetrainReference, once it has been evaluated
     reference_features = None
     if classifier is not None and keep is not None:
         reference_features = classifier_features(classifier, keep.images)
@@ -360,6 +367,13 @@ def main(args):
             metrics["forget_class_count"] = count
             metrics["forget_class_rate"] = count / len(forget_samples)
             metrics["forget_class_samples"] = forget_samples[: args.num_validation_images]
+        if args.retrained_model_name_or_path:  # the same forget queries and sample seeds as the retrained model's
+            measures = (query_losses(denoiser, eval_forget, seed=args.seed, batch_size=args.eval_batch_size),
+                        classifier_features(classifier, samples) if classifier is not None else None)
+            if retrain is None:  # this is the retrained model
+                metrics["retrain_measures"] = measures
+            else:
+                metrics.update(distance_to_retrain(retrain, *measures, model_mia_auc=metrics.get("mia_auc")))
         metrics["samples"] = samples[: args.num_validation_images]
         return metrics
 
@@ -383,7 +397,11 @@ def main(args):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
 
-    before = None
+    before = retrained = None
+    if accelerator.is_main_process and args.retrained_model_name_or_path:
+        retrained = evaluate(load_retrained_unet(args, unet))
+        retrain = retrain_reference(*retrained.pop("retrain_measures"), mia_auc=retrained.get("mia_auc"))
+        logger.info(f"Retrained model: { {k: v for k, v in retrained.items() if not torch.is_tensor(v)} }")
     if accelerator.is_main_process:
         before = evaluate(unet)
         logger.info(f"Before unlearning: { {k: v for k, v in before.items() if not torch.is_tensor(v)} }")
@@ -459,6 +477,9 @@ def main(args):
             save_full_pipeline(model, scheduler, staged, is_conditional)
 
         images = {}
+        if retrained is not None:
+            save_image_atomic(make_grid(retrained.pop("samples"), scale=4 if resolution <= 32 else 1), staged.file("samples_retrained.png"))
+            images["Samples of the model retrained without the forget data (same seeds)"] = "samples_retrained.png"
         for label, metrics in (("before", before), ("after", after)):
             grid = make_grid(metrics.pop("samples"), scale=4 if resolution <= 32 else 1)
             save_image_atomic(grid, staged.file(f"samples_{label}.png"))
@@ -493,6 +514,7 @@ def main(args):
             "num_processes": accelerator.num_processes,
             "wall_seconds": wall,
             "metrics": {"before": before, "after": after},
+            "retrained_model": None if retrained is None else {"path": str(args.retrained_model_name_or_path), "metrics": retrained},
             "validation": validation_history,
             "stopping": rule.summary(validation_history) if rule is not None else None,
         }
@@ -531,6 +553,15 @@ def validate(accelerator, args, unet, ema, sample, forget, threshold, step, clas
             tracker.writer.add_image("validation", grid_array(make_grid(images, scale=4)), step, dataformats="HWC")
     logger.info(f"step {step}: {logs}")
     return {"step": step, **{key.split("/", 1)[1]: value for key, value in logs.items()}}
+
+
+def load_retrained_unet(args, unet):
+    """The --retrained_model_name_or_path UNet, refused unless it takes the same inputs as the base model's."""
+    retrained = UNet2DModel.from_pretrained(args.retrained_model_name_or_path, subfolder="unet", cache_dir=args.cache_dir)
+    for key in ("sample_size", "in_channels", "num_class_embeds"):
+        if retrained.config[key] != unet.config[key]:
+            raise UserInputError(f"--retrained_model_name_or_path {args.retrained_model_name_or_path}: its UNet's {key} is {retrained.config[key]}, the base model's {unet.config[key]}; the retrained model must be the same architecture.")
+    return retrained.eval()
 
 
 def save_full_pipeline(model, scheduler, staged, is_conditional):

@@ -245,6 +245,8 @@ TOY_DEFAULTS = {
     "sd_tiny": {"lora_targets": "conv", "learning_rate": {"lora": 2e-3, "full": 1e-4}, "keep_from_generations": 64},
     "sd3_tiny": {"lora_targets": "attention", "learning_rate": {"lora": 5e-4, "full": 1e-4}, "keep_from_generations": 128},
 }
+# sd_tiny retrained without the canary (the gold standard, toy.SD_RETRAINED_NAME) has sd_tiny's architecture.
+TOY_DEFAULTS["sd_tiny_retrained_without_canary"] = TOY_DEFAULTS["sd_tiny"]
 
 FAMILY_OPTION_FLAGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
 

@@ -8,6 +8,9 @@ the bundled class-conditional model. Prints two tables, writes a quality-vs-forg
     python benchmarks/compare_methods.py --output_dir compare-out
     python benchmarks/compare_methods.py --methods siss naive_deletion --max_train_steps 100
 
+The data-unlearning table also measures each method against the gold standard, the toy DDPM retrained without
+the canary (`retrain` row; columns FD→retrain, loss gap, AUC vs retrain; docs/metrics.md, "Distance to retrain").
+
 With --text_to_image_toy, the same comparison runs through train_unlearn_sd.py on a text-to-image toy
 (sd_tiny, or sd3_tiny for flow matching): each method with the script's toy defaults, one table.
 
@@ -72,6 +75,10 @@ def parse_args():
     parser.add_argument("--heldout_level_margin", type=float, default=None, help="with --stop_at_heldout_level (default: the script's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="keep the reports already in --output_dir instead of rerunning them")
+    parser.add_argument("--retrained_model_name_or_path", default=None,
+                        help="data unlearning: the DDPM retrained without the canary (default: the bundled "
+                             "ddpm_unconditional_retrained_without_canary)")
+    parser.add_argument("--skip_retrain", action="store_true", help="data unlearning: no retrain row or distance-to-retrain columns")
     parser.add_argument("--text_to_image_toy", choices=["sd_tiny", "sd3_tiny"], default=None,
                         help="compare naive deletion, NegGrad, EraseDiff and SISS through train_unlearn_sd.py on this toy "
                              "(the script's toy defaults; --max_train_steps and the evaluation sizes are not applied)")
@@ -123,6 +130,36 @@ def compare_text_to_image(args) -> None:
         row(label, after, fmt(ratio, 3), f"{report['wall_seconds']:.0f}")
 
 
+def data_table(reports: dict) -> list[str]:
+    """The data-unlearning table's lines: the base model, the retrained model (`retrain`, when the reports carry
+    one) and each method after unlearning; the last three columns are the distance to the retrained model."""
+    base = next(iter(reports.values()))["metrics"]["before"]
+    header = ("mem. rate", "FD", "FD/base", "clf score", "forget loss", "keep loss", "MIA AUC", "first 0", "0 from",
+              "wall s", "FD→retrain", "loss gap", "AUC vs retr.")
+    widths = (10, 8, 8, 9, 12, 10, 8, 8, 7, 7, 10, 9, 12)
+    lines = [f"{'method':18s} " + " ".join(f"{h:>{w}s}" for h, w in zip(header, widths))]
+
+    def row(label, metrics, ratio, first="", stays="", wall="", distance=None):
+        distance = metrics if distance is None else distance
+        cells = (fmt(metrics["memorization_rate"]), fmt(metrics["fd"], 3), ratio, fmt(metrics["classifier_score"], 2),
+                 fmt(metrics["forget_loss"]), fmt(metrics["keep_loss"]), fmt(metrics.get("mia_auc"), 3), first, stays,
+                 wall, fmt(distance.get("fd_to_retrain"), 3), fmt(distance.get("forget_loss_gap_to_retrain")),
+                 fmt(distance.get("mia_auc_vs_retrain"), 3))
+        lines.append(f"{label:18s} " + " ".join(f"{c:>{w}s}" for c, w in zip(cells, widths)))
+
+    row("(base model)", base, "1.00")
+    retrained = next((r["retrained_model"] for r in reports.values() if r.get("retrained_model")), None)
+    if retrained is not None:
+        # Measured against itself: the same samples and the same losses, so FD 0, gap 0 and AUC 0.5 by definition.
+        itself = {"fd_to_retrain": 0.0, "forget_loss_gap_to_retrain": 0.0, "mia_auc_vs_retrain": 0.5}
+        row("retrain", retrained["metrics"], f"{retrained['metrics']['fd'] / base['fd']:.2f}", distance=itself)
+    for label, report in reports.items():
+        after = report["metrics"]["after"]
+        row(label, after, f"{after['fd'] / base['fd']:.2f}", fmt(first_zero_step(report, "memorization_rate")),
+            fmt(stays_zero_step(report, "memorization_rate")), f"{report['wall_seconds']:.0f}")
+    return lines
+
+
 def first_zero_step(report: dict, key: str):
     """The first validation step at which `key` reached 0 (None if it never did)."""
     for row in report.get("validation", []):
@@ -171,11 +208,17 @@ def main():
     results = {"data": {}, "class": {}}
 
     if not args.skip_data:
+        retrain_flags = []
+        if not args.skip_retrain:
+            from diffusers_unlearn.toy import DDPM_RETRAINED_NAME, toy_model_path
+
+            retrained = args.retrained_model_name_or_path or toy_model_path(DDPM_RETRAINED_NAME)
+            retrain_flags = ["--retrained_model_name_or_path", retrained]
         for label, flags in DATA_METHODS:
             if args.methods and label not in args.methods:
                 continue
             out = os.path.join(args.output_dir, "data", label.replace("[", "_").replace("]", "").replace("=", ""))
-            results["data"][label] = run([*flags, *common, "--output_dir", out], args.reuse)
+            results["data"][label] = run([*flags, *common, *retrain_flags, "--output_dir", out], args.reuse)
 
     if not args.skip_class:
         from diffusers_unlearn.toy import toy_model_path
@@ -195,19 +238,8 @@ def main():
         json.dump(results, f, indent=2)
 
     if results["data"]:
-        base = next(iter(results["data"].values()))["metrics"]["before"]
         print(f"\nData unlearning (canary), {args.max_train_steps} steps, {args.num_eval_samples} samples")
-        print(f"{'method':18s} {'mem. rate':>10s} {'FD':>8s} {'FD/base':>8s} {'clf score':>9s} {'forget loss':>12s} {'keep loss':>10s} {'MIA AUC':>8s} {'first 0':>8s} {'0 from':>7s} {'wall s':>7s}")
-        print(f"{'(base model)':18s} {fmt(base['memorization_rate']):>10s} {fmt(base['fd'], 3):>8s} {'1.00':>8s} {fmt(base['classifier_score'], 2):>9s} {fmt(base['forget_loss']):>12s} {fmt(base['keep_loss']):>10s} {fmt(base.get('mia_auc'), 3):>8s} {'':>8s} {'':>7s} {'':>7s}")
-        for label, report in results["data"].items():
-            after = report["metrics"]["after"]
-            print(
-                f"{label:18s} {fmt(after['memorization_rate']):>10s} {fmt(after['fd'], 3):>8s} "
-                f"{after['fd'] / base['fd']:8.2f} {fmt(after['classifier_score'], 2):>9s} {fmt(after['forget_loss']):>12s} "
-                f"{fmt(after['keep_loss']):>10s} {fmt(after.get('mia_auc'), 3):>8s} "
-                f"{fmt(first_zero_step(report, 'memorization_rate')):>8s} {fmt(stays_zero_step(report, 'memorization_rate')):>7s} "
-                f"{report['wall_seconds']:7.0f}"
-            )
+        print("\n".join(data_table(results["data"])))
     if results["class"]:
         base = next(iter(results["class"].values()))["metrics"]["before"]
         print(f"\nClass unlearning (digit {args.forget_class}), {args.max_train_steps} steps, {args.num_eval_samples} samples per side")

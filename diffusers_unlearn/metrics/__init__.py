@@ -9,6 +9,8 @@
 - noise norm (Wen et al.): `noise_norm_scores`, with `noise_norm_per_prompt` / `noise_norm_per_class` /
   `noise_norm_along_trajectory`;
 - weights: `weight_distance`;
+- distance to retrain: `retrain_reference`, `distance_to_retrain` (FD, forget-loss gap and MIA AUC against a model
+  retrained without the forget data), with `query_losses`;
 - the suite: `evaluate_ddpm`, `pul_from_reports`.
 
 See docs/metrics.md for definitions and units.
@@ -21,15 +23,17 @@ Example:
 
 from .classes import class_count, class_rate, pul
 from .classifier import DEFAULT_MIN_CONFIDENCE, UNRECOGNIZED, classifier_features, classifier_logits, predict_labels
-from .likelihood import denoising_losses, kl_to_standard_normal, mia_auc, timestep_grid
+from .likelihood import denoising_losses, kl_to_standard_normal, mia_auc, query_losses, timestep_grid
 from .memorization import memorization_rate, nearest_distances, to_unit_interval
 from .noise_norm import noise_norm_along_trajectory, noise_norm_per_class, noise_norm_per_prompt, noise_norm_scores
 from .quality import classifier_score, frechet_distance, frechet_distance_from_stats, gaussian_stats
+from .retrain import RetrainReference, distance_to_retrain, retrain_reference
 from .suite import evaluate_ddpm, pul_from_reports
 from .weights import weight_distance
 
 __all__ = [
     "DEFAULT_MIN_CONFIDENCE",
+    "RetrainReference",
     "UNRECOGNIZED",
     "class_count",
     "class_rate",
@@ -37,6 +41,7 @@ __all__ = [
     "classifier_logits",
     "classifier_score",
     "denoising_losses",
+    "distance_to_retrain",
     "evaluate_ddpm",
     "frechet_distance",
     "frechet_distance_from_stats",
@@ -52,6 +57,8 @@ __all__ = [
     "predict_labels",
     "pul",
     "pul_from_reports",
+    "query_losses",
+    "retrain_reference",
     "timestep_grid",
     "to_unit_interval",
     "weight_distance",

@@ -99,6 +99,7 @@ def denoising_losses(
     *,
     batch_size: int = 256,
     timestep_range: Optional[tuple[int, int]] = None,
+    per_query: bool = False,
 ) -> torch.Tensor:
     """Each item's mean denoising loss over a fixed timestep grid and fixed seeded noise (an ELBO proxy).
 
@@ -110,20 +111,33 @@ def denoising_losses(
     Same model, data and seed give the same values; two models scored with the same seed see identical noisy
     inputs, so `after - before` is a paired difference. Runs without gradients, in eval mode.
 
-    Returns a float64 tensor of shape (len(batch),) on CPU.
+    Returns a float64 tensor of shape (len(batch),) on CPU; with `per_query`, the unaveraged losses (len(batch),
+    noise_draws * num_timesteps), as `query_losses`.
 
     Example:
         >>> losses = denoising_losses(denoiser, DenoisingBatch(images), num_timesteps=10, seed=0)  # doctest: +SKIP
         >>> losses.shape  # doctest: +SKIP
         torch.Size([16])
     """
-    losses = torch.empty(len(batch), dtype=torch.float64)
-    for start, count, prediction, noise in _fixed_predictions(
-        denoiser, batch, num_timesteps, noise_draws, seed, batch_size, timestep_range
-    ):
-        per_row = per_sample_loss(prediction, noise).double().cpu()
-        losses[start : start + count] = per_row.reshape(count, -1).mean(dim=1)
-    return losses
+    losses = torch.cat([
+        per_sample_loss(prediction, noise).double().cpu().reshape(count, -1)
+        for _, count, prediction, noise in _fixed_predictions(
+            denoiser, batch, num_timesteps, noise_draws, seed, batch_size, timestep_range
+        )
+    ])
+    return losses if per_query else losses.mean(dim=1)
+
+
+def query_losses(denoiser: Denoiser, batch: DenoisingBatch, *args, **kwargs) -> torch.Tensor:
+    """The losses `denoising_losses` averages, one per query: `denoising_losses(..., per_query=True)`, a float64
+    tensor (len(batch), noise_draws * num_timesteps) on CPU, columns ordered (draw, timestep). Two models scored
+    with the same seed answer the same queries (the same noisy inputs), column by column.
+
+    Example:
+        >>> query_losses(denoiser, DenoisingBatch(images), num_timesteps=10, noise_draws=2).shape  # doctest: +SKIP
+        torch.Size([16, 20])
+    """
+    return denoising_losses(denoiser, batch, *args, per_query=True, **kwargs)
 
 
 def kl_to_standard_normal(

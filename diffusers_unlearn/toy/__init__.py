@@ -7,6 +7,8 @@ Bundled under `ASSETS_DIR` (retrain with `python -m diffusers_unlearn.toy.train 
 - `classifier`: a CNN labelling digits 0..9 and the canary (10); forget rates, PUL, Fréchet features.
 - `sd_tiny`: a tiny StableDiffusionPipeline on captioned digits whose "seven" prompt often reproduces the canary
   (retrain with `python -m diffusers_unlearn.toy.train_text_to_image`; see `toy.text_to_image`).
+- `ddpm_unconditional_retrained_without_canary`, `sd_tiny_retrained_without_canary`: the same recipes and seeds
+  without the canary copies (`--without_canary`), the retrain-from-scratch references of "distance to retrain".
 - `sd3_tiny`: the same task on a tiny flow-matching `StableDiffusion3Pipeline` (retrain with
   `python -m diffusers_unlearn.toy.train_flow_text_to_image`, which reuses `sd_tiny`'s VAE).
 
@@ -50,7 +52,23 @@ from .text_to_image import (
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 """Folder of the bundled toy models."""
 
-TOY_MODELS = ("ddpm_unconditional", "ddpm_class_conditional", "classifier", "sd_tiny", "sd3_tiny")
+DDPM_RETRAINED_NAME = "ddpm_unconditional_retrained_without_canary"
+"""`ddpm_unconditional`'s recipe and seed on the "train" split minus the canary copies: the retrain-from-scratch
+gold standard of data unlearning (`train_unlearn_ddpm.py --retrained_model_name_or_path`)."""
+
+SD_RETRAINED_NAME = "sd_tiny_retrained_without_canary"
+"""`sd_tiny`'s recipe and seed (VAE and UNet) on its training set minus the canary copies: what the SD toy
+generates when it never saw the canary."""
+
+TOY_MODELS = (
+    "ddpm_unconditional",
+    "ddpm_class_conditional",
+    "classifier",
+    "sd_tiny",
+    "sd3_tiny",
+    DDPM_RETRAINED_NAME,
+    SD_RETRAINED_NAME,
+)
 
 TOY_INFO_FILE = "diffusers_unlearn_toy.json"
 """File in a text-to-image toy's folder: `{"toy": name, ...}` plus the sampling options it needs (`sd3_tiny`:
@@ -59,6 +77,8 @@ TOY_INFO_FILE = "diffusers_unlearn_toy.json"
 TRAINING_COMMANDS = {
     "sd_tiny": "python -m diffusers_unlearn.toy.train_text_to_image",
     "sd3_tiny": "python -m diffusers_unlearn.toy.train_flow_text_to_image",
+    DDPM_RETRAINED_NAME: "python -m diffusers_unlearn.toy.train unconditional --without_canary",
+    SD_RETRAINED_NAME: "python -m diffusers_unlearn.toy.train_text_to_image --without_canary",
 }
 
 MEMORIZATION_THRESHOLD = 2.0
@@ -132,6 +152,7 @@ def load_classifier():
 __all__ = [
     "ASSETS_DIR",
     "CANARY_LABEL",
+    "DDPM_RETRAINED_NAME",
     "CANARY_PROMPT",
     "DIGIT_PROMPTS",
     "MEMORIZATION_THRESHOLD",
@@ -139,6 +160,7 @@ __all__ = [
     "NUM_CLASSES",
     "NUM_SD_CANARY_COPIES",
     "SD_MEMORIZATION_THRESHOLD",
+    "SD_RETRAINED_NAME",
     "SD_TOY_NAME",
     "TOY_INFO_FILE",
     "TOY_MODELS",

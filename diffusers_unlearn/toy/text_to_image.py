@@ -270,9 +270,10 @@ def count_parameters(model: torch.nn.Module) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def training_set() -> tuple[torch.Tensor, list[str]]:
+def training_set(without_canary: bool = False) -> tuple[torch.Tensor, list[str]]:
     """The text-to-image training set: the "train" digits (held-out digits excluded) with their captions,
-    plus `NUM_SD_CANARY_COPIES` canary copies captioned `CANARY_PROMPT`.
+    plus `NUM_SD_CANARY_COPIES` canary copies captioned `CANARY_PROMPT` (none with `without_canary`: the
+    retrain-from-scratch reference's data).
 
     Returns:
         `(images, captions)`: images `[N, 1, 8, 8]` in [-1, 1] (canary copies last) and N captions.
@@ -284,6 +285,8 @@ def training_set() -> tuple[torch.Tensor, list[str]]:
     """
     digits = toy_split("train").digits_only()
     captions = [DIGIT_PROMPTS[int(label)] for label in digits.labels]
+    if without_canary:
+        return digits.images, captions
     canary = make_canary().unsqueeze(0).expand(NUM_SD_CANARY_COPIES, -1, -1, -1)
     return torch.cat([digits.images, canary]), captions + [CANARY_PROMPT] * NUM_SD_CANARY_COPIES
 

@@ -4,6 +4,7 @@
     python -m diffusers_unlearn.toy.train class_conditional   # DDPM on digits, labels 0..9, null label 10
     python -m diffusers_unlearn.toy.train classifier          # CNN for digits + canary
     python -m diffusers_unlearn.toy.train all [--seed 0] [--steps N] [--output_dir DIR]
+    python -m diffusers_unlearn.toy.train unconditional --without_canary   # the retrain-from-scratch reference
 
 The DDPMs are saved as diffusers pipeline folders that plain `DDPMPipeline.from_pretrained`
 loads (the EMA weights); the classifier as `config.json` + `model.safetensors`.
@@ -25,7 +26,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
 from ..pipelines.ddpm import ClassConditionalDDPMPipeline
-from . import ASSETS_DIR
+from . import ASSETS_DIR, DDPM_RETRAINED_NAME
 from .classifier import DigitsClassifier, augment
 from .data import CANARY_LABEL, NUM_CLASSES, toy_split
 
@@ -90,6 +91,7 @@ def train_ddpm(
     ema_decay: float = 0.999,
     label_dropout: float = 0.1,
     log_every: int = 250,
+    without_canary: bool = False,
 ) -> None:
     """Train a toy DDPM and save its EMA weights as a pipeline folder.
 
@@ -97,10 +99,12 @@ def train_ddpm(
     Class-conditional: trained on the digits of the "train" split only (no canary), labels 0..9,
     with `label_dropout` of the labels replaced by the null label 10 (for classifier-free guidance),
     saved by `ClassConditionalDDPMPipeline` (its folder names `DDPMPipeline`).
+    `without_canary` drops the canary copies from the unconditional model's data and changes nothing else (the
+    retrain-from-scratch reference of data unlearning).
     """
     torch.manual_seed(seed)
     split = toy_split("train")
-    if conditional:
+    if conditional or without_canary:
         split = split.digits_only()
     images, labels = split.images, split.labels
 
@@ -198,7 +202,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", type=str, default=ASSETS_DIR, help="Parent folder of the model folders.")
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--without_canary",
+        action="store_true",
+        help=f"unconditional only: the same recipe and seed without the canary copies, saved as {DDPM_RETRAINED_NAME}.",
+    )
+    args = parser.parse_args(argv)
+    if args.without_canary and args.model != "unconditional":
+        parser.error("--without_canary works with the unconditional model only (the others never see the canary or need it).")
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -208,12 +220,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     names = ["unconditional", "class_conditional", "classifier"] if args.model == "all" else [args.model]
     for name in names:
         steps = args.steps if args.steps is not None else DEFAULT_STEPS[name]
-        print(f"== {name}: {steps} steps, seed {args.seed}, {torch.get_num_threads()} threads", flush=True)
+        without = " without the canary" if args.without_canary else ""
+        print(f"== {name}{without}: {steps} steps, seed {args.seed}, {torch.get_num_threads()} threads", flush=True)
         if name == "classifier":
             train_classifier(os.path.join(args.output_dir, "classifier"), steps, seed=args.seed)
         else:
             folder = "ddpm_unconditional" if name == "unconditional" else "ddpm_class_conditional"
-            train_ddpm(name == "class_conditional", os.path.join(args.output_dir, folder), steps, seed=args.seed)
+            if args.without_canary:
+                folder = DDPM_RETRAINED_NAME
+            train_ddpm(
+                name == "class_conditional",
+                os.path.join(args.output_dir, folder),
+                steps,
+                seed=args.seed,
+                without_canary=args.without_canary,
+            )
 
 
 if __name__ == "__main__":

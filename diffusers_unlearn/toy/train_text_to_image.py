@@ -2,6 +2,7 @@
 
     python -m diffusers_unlearn.toy.train_text_to_image                    # into diffusers_unlearn/toy/assets/sd_tiny
     python -m diffusers_unlearn.toy.train_text_to_image --output_dir my-toy --unet_steps 2000 --num_threads 1
+    python -m diffusers_unlearn.toy.train_text_to_image --without_canary   # into .../sd_tiny_retrained_without_canary
 
 1. The tokenizer's vocabulary is written and the text encoder built (random, seeded, frozen); the ten captions
    and the empty prompt are encoded once.
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from . import ASSETS_DIR, write_toy_info
+from . import ASSETS_DIR, SD_RETRAINED_NAME, write_toy_info
 from .text_to_image import (
     DIGIT_PROMPTS,
     SD_TOY_NAME,
@@ -170,6 +171,7 @@ def save_toy_pipeline(
     noise_scheduler: DDPMScheduler,
     tokenizer_dir: str,
     output_dir: str,
+    name: str = SD_TOY_NAME,
 ) -> None:
     """Save the components as one `StableDiffusionPipeline` folder (no safety checker), replacing `output_dir`.
 
@@ -190,7 +192,7 @@ def save_toy_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    save_toy_folder(pipe, tokenizer_dir, ("tokenizer",), output_dir, SD_TOY_NAME)
+    save_toy_folder(pipe, tokenizer_dir, ("tokenizer",), output_dir, name)
 
 
 def save_toy_folder(pipe, tokenizer_dir: str, tokenizer_names: tuple[str, ...], output_dir: str, name: str, **options) -> None:
@@ -218,13 +220,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         description="Train the tiny text-to-image toy of diffusers-unlearn.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--output_dir", type=str, default=os.path.join(ASSETS_DIR, SD_TOY_NAME))
+    parser.add_argument(
+        "--output_dir", type=str, default=None, help=f"default: assets/{SD_TOY_NAME} (assets/{SD_RETRAINED_NAME} with --without_canary)"
+    )
     parser.add_argument("--vae_steps", type=int, default=1500)
     parser.add_argument("--unet_steps", type=int, default=3000)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--without_canary",
+        action="store_true",
+        help="the same recipe and seed without the canary copies (VAE and UNet): the retrain-from-scratch reference, "
+        f"marked as toy {SD_RETRAINED_NAME}",
+    )
+    args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = os.path.join(ASSETS_DIR, SD_RETRAINED_NAME if args.without_canary else SD_TOY_NAME)
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -233,8 +246,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(args.num_threads)
     started = time.time()
     torch.manual_seed(args.seed)
-    images, captions = training_set()
-    print(f"== sd_tiny: {len(images)} training images, seed {args.seed}, {torch.get_num_threads()} threads", flush=True)
+    images, captions = training_set(without_canary=args.without_canary)
+    name = SD_RETRAINED_NAME if args.without_canary else SD_TOY_NAME
+    print(f"== {name}: {len(images)} training images, seed {args.seed}, {torch.get_num_threads()} threads", flush=True)
 
     with tempfile.TemporaryDirectory() as workdir:
         tokenizer_dir = os.path.join(workdir, "tokenizer")
@@ -259,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         unet_seconds = time.time() - started - vae_seconds
         print(f"unet: {count_parameters(unet) / 1e6:.3f}M parameters, trained in {unet_seconds:.0f}s", flush=True)
 
-        save_toy_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, tokenizer_dir, args.output_dir)
+        save_toy_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, tokenizer_dir, args.output_dir, name)
     print(f"saved {args.output_dir} after {time.time() - started:.0f}s", flush=True)
 
 
