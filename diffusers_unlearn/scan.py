@@ -16,6 +16,10 @@ in their largest group of mutual copies (`cluster_fraction`; Carlini et al. 2023
 collapse onto one image), judged by `--copy_detector` (pixel L2 below `--memorization_threshold`, or the cosine
 similarity of an image model's features above `--copy_similarity_threshold`), the same detector and check as
 `train_unlearn_sd.py --memorized_prompts_file` uses to find the memorized image.
+
+Cost: each prompt takes num_generations x num_inference_steps denoiser evaluations on two branches (the prompt and
+""), printed at the end. `--first_steps 1` scores only the first sampling step (Wen et al. report that it already
+separates memorized prompts), 1/num_inference_steps of the cost; its scores are on their own scale.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=None, help="Image height in pixels the trajectories run at. Default: the model's native size.")
     parser.add_argument("--width", type=int, default=None, help="Image width in pixels. Default: the model's native size.")
     parser.add_argument("--max_sequence_length", type=int, default=None, help="SD3/Flux: T5's padded prompt length (default 77 for SD3, 512 for Flux).")
+    parser.add_argument("--first_steps", type=int, default=None, help="Score only the first K sampling steps (1: the cheap first-step form). Default: every step.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16, help="Samples (prompt x generation pairs) per UNet call; each call also runs the empty-prompt branch.")
     parser.add_argument("--num_cluster_generations", type=int, default=0, help="Also run the cluster check on this many seeded generations per prompt (0: off; at least 2). Adds 'cluster_fraction' to each row.")
@@ -74,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from .data import read_prompts_file
-    from .metrics.noise_norm import noise_norm_scores
+    from .metrics.noise_norm import check_first_steps, noise_norm_scores
 
     args = parse_args(argv)
     # Cheap checks before the model loads.
@@ -84,6 +89,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for flag in ("num_generations", "num_inference_steps", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    check_first_steps(args.num_inference_steps, args.first_steps)
     detector = None
     if args.num_cluster_generations:
         from .metrics.copy_detection import copy_detector_threshold, load_copy_detector
@@ -125,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     scores = noise_norm_scores(
         pipe, prompts, num_generations=args.num_generations, num_inference_steps=args.num_inference_steps,
         guidance_scale=guidance_scale, seed=args.seed, batch_size=args.batch_size, height=args.height,
-        width=args.width, max_sequence_length=args.max_sequence_length,
+        width=args.width, max_sequence_length=args.max_sequence_length, first_steps=args.first_steps,
     )
     order = sorted(range(len(prompts)), key=lambda i: -scores[i])
     rows = [{"caption": prompts[i], "noise_norm": scores[i], "rank": rank + 1} for rank, i in enumerate(order)]
@@ -149,6 +155,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for row in rows:
         fraction = f"{row['cluster_fraction']:8.3f}" if cluster else ""
         print(f"{row['rank']:4d} {row['noise_norm']:11.4f}{fraction}  {row['caption'][:100]}")
+    steps = args.first_steps or args.num_inference_steps
+    print(
+        f"Cost: {args.num_generations * steps} denoiser evaluations per prompt ({args.num_generations} generation(s) x "
+        f"{steps} step(s)), each on the prompt and the empty prompt."
+    )
     print(f"Wrote {len(rows)} prompt(s) to {args.output_file}.")
     return rows
 

@@ -149,3 +149,28 @@ def test_a_v_prediction_model_is_scored_on_its_noise_estimates(pipe):
     score = noise_norm_along_trajectory(pipe.unet, epsilon_scheduler, latents, *args)
     twin = noise_norm_along_trajectory(_AsVPrediction(pipe.unet, v_scheduler), v_scheduler, latents, *args)
     torch.testing.assert_close(twin, score, rtol=1e-3, atol=1e-4)
+
+
+def test_first_step_form_scores_the_first_step_of_the_full_schedule(pipe):
+    """first_steps=1 is the difference at the schedule's FIRST (noisiest) timestep, computed without running the
+    rest of the trajectory; first_steps=K averages the first K steps of the same trajectory."""
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8)
+    cond, uncond = torch.randn(2, 77, 32), torch.randn(2, 77, 32)
+    branches = ({"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond})
+    first = noise_norm_along_trajectory(pipe.unet, pipe.scheduler, latents, *branches, 10, first_steps=1)
+    t = pipe.scheduler.timesteps[0]
+    assert int(t) > 800  # the first of ten DDIM steps, not the one-step schedule's timestep
+    sample = latents * pipe.scheduler.init_noise_sigma
+    with torch.no_grad():
+        expected = (pipe.unet(sample, t, encoder_hidden_states=cond).sample - pipe.unet(sample, t, encoder_hidden_states=uncond).sample).flatten(1).norm(dim=1)
+    assert torch.allclose(first, expected, atol=1e-5)
+    # Every step: the same as leaving first_steps out.
+    every = noise_norm_along_trajectory(pipe.unet, pipe.scheduler, latents, *branches, 4, first_steps=4)
+    assert torch.allclose(every, noise_norm_along_trajectory(pipe.unet, pipe.scheduler, latents, *branches, 4))
+    # Through the public entry point, per prompt.
+    scores = noise_norm_scores(pipe, ["a digit seven", "a cat"], num_generations=2, num_inference_steps=10, first_steps=1)
+    assert len(scores) == 2 and all(s > 0 for s in scores)
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="first_steps must be in 1..num_inference_steps"):
+            noise_norm_scores(pipe, ["a cat"], num_generations=1, num_inference_steps=10, first_steps=bad)

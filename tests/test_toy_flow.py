@@ -162,3 +162,23 @@ def test_scan_runs_on_the_flow_toy_with_its_sequence_length(tmp_path, monkeypatc
                       "--output_file", str(tmp_path / "scan.jsonl"), "--num_generations", "1", "--num_inference_steps", "3"])
     assert {row["caption"] for row in rows} == {CANARY_PROMPT, DIGIT_PROMPTS[3]}
     assert lengths and set(lengths) == {FLOW_TOY_MAX_SEQUENCE_LENGTH}
+
+
+def test_scan_first_step_form_and_cost_line(tmp_path, capsys):
+    """The flow toy's velocity score in the cheap first-step form, and the scan's printed cost."""
+    from diffusers_unlearn import scan
+    from diffusers_unlearn.metrics import noise_norm_scores
+
+    pipe = load_toy_pipeline(toy_model_path(FLOW_TOY_NAME))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    full = noise_norm_scores(pipe, [CANARY_PROMPT], num_generations=2, num_inference_steps=5, max_sequence_length=8)
+    first = noise_norm_scores(pipe, [CANARY_PROMPT], num_generations=2, num_inference_steps=5, max_sequence_length=8, first_steps=1)
+    assert first[0] > 0 and first[0] != pytest.approx(full[0])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{CANARY_PROMPT}\n")
+    scan.main(["--pretrained_model_name_or_path", toy_model_path(FLOW_TOY_NAME), "--prompts_file", str(prompts),
+               "--output_file", str(tmp_path / "scan.jsonl"), "--num_generations", "3", "--num_inference_steps", "5",
+               "--first_steps", "1"])
+    assert "Cost: 3 denoiser evaluations per prompt (3 generation(s) x 1 step(s))" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="first_steps must be in 1..num_inference_steps"):
+        scan.main(["--prompts_file", str(prompts), "--num_inference_steps", "5", "--first_steps", "6"])

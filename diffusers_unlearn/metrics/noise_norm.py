@@ -53,6 +53,14 @@ def _fresh_scheduler(scheduler):
     return type(scheduler).from_config(scheduler.config)
 
 
+def check_first_steps(num_inference_steps: int, first_steps: Optional[int]) -> None:
+    """`first_steps` must be None (every step) or 1..num_inference_steps."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+    if first_steps is not None and not 1 <= first_steps <= num_inference_steps:
+        raise ValueError(f"first_steps must be in 1..num_inference_steps ({num_inference_steps}), got {first_steps}.")
+
+
 @torch.no_grad()
 def noise_norm_along_trajectory(
     unet: torch.nn.Module,
@@ -63,6 +71,7 @@ def noise_norm_along_trajectory(
     num_inference_steps: int = 25,
     guidance_scale: float = DEFAULT_TEXT_GUIDANCE,
     generator: Optional[torch.Generator] = None,
+    first_steps: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-sample mean over sampling steps of ||eps(x_t, c) - eps(x_t, empty)||; shape (N,), float32 on CPU.
 
@@ -71,20 +80,20 @@ def noise_norm_along_trajectory(
     class-conditional UNet2DModel), each with batch size N. Both branches go through one batched UNet call per
     step. `scheduler` is set to `num_inference_steps`; the trajectory follows the guided prediction, as sampling
     does. `generator` feeds the step noise of stochastic schedulers (ignored by DDIM, PNDM and other
-    deterministic ones).
+    deterministic ones). `first_steps` scores only the first K steps of the `num_inference_steps` schedule and
+    stops there (the cheap form: Wen et al. report that the first step already separates memorized prompts).
 
     Example:
         >>> score = noise_norm_along_trajectory(pipe.unet, pipe.scheduler, latents,
         ...     {"encoder_hidden_states": prompt_embeds}, {"encoder_hidden_states": empty_embeds})  # doctest: +SKIP
     """
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+    check_first_steps(num_inference_steps, first_steps)
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     sample = latents * scheduler.init_noise_sigma
     total = torch.zeros(latents.shape[0], dtype=torch.float32, device=latents.device)
     both = {key: _cat_branches(unconditional[key], conditional[key]) for key in conditional}
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps[:first_steps]
     for t in timesteps:
         model_input = scheduler.scale_model_input(torch.cat([sample, sample]), t)
         output = unet(model_input, t, **both)
@@ -163,6 +172,7 @@ def velocity_difference_along_trajectory(
     num_inference_steps: int = 28,
     guidance_scale: float = 7.0,
     generator: Optional[torch.Generator] = None,
+    first_steps: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-sample mean over sampling steps of ||v(x, c) - v(x, empty)|| for a flow model; (N,), float32 on CPU.
 
@@ -172,14 +182,14 @@ def velocity_difference_along_trajectory(
     both branches run in one transformer call per step. The trajectory follows what the pipeline samples: for
     SD3 the classifier-free-guided velocity with `guidance_scale`; for Flux the conditional velocity (its
     `guidance_scale` is the embedded guidance value, already in the conditioning). `scheduler` (a
-    FlowMatchEulerDiscreteScheduler) is set as the pipeline sets it (`set_flow_timesteps`).
+    FlowMatchEulerDiscreteScheduler) is set as the pipeline sets it (`set_flow_timesteps`). `first_steps` scores
+    only the first K steps, as in `noise_norm_along_trajectory`.
 
     Example:
         >>> velocity_difference_along_trajectory(get_family("sd3"), pipe.transformer, scheduler, latents,
         ...     cond, uncond, num_inference_steps=28, guidance_scale=7.0)  # doctest: +SKIP
     """
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+    check_first_steps(num_inference_steps, first_steps)
     rows, columns = latents.shape[-2:]
     set_flow_timesteps(family, scheduler, transformer, num_inference_steps, rows, columns, latents.device)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -188,7 +198,7 @@ def velocity_difference_along_trajectory(
     count = latents.shape[0]
     total = torch.zeros(count, dtype=torch.float32, device=latents.device)
     both = {key: torch.cat([unconditional[key], conditional[key]]) for key in conditional}
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps[:first_steps]
     for t in timesteps:
         timestep = t.expand(2 * count).to(latents.device)
         prediction = family.call(transformer, torch.cat([sample, sample]), timestep, both)
@@ -228,7 +238,7 @@ def _component_dict(pipe_or_components) -> dict:
 
 def _flow_noise_norm_per_prompt(
     family, pipe, prompts, num_generations, seed, num_inference_steps, guidance_scale, batch_size, height, width,
-    max_sequence_length,
+    max_sequence_length, first_steps=None,
 ) -> torch.Tensor:
     """`noise_norm_per_prompt` for SD3 and Flux: the (num_prompts, num_generations) table."""
     if max_sequence_length is not None:
@@ -252,7 +262,7 @@ def _flow_noise_norm_per_prompt(
     try:
         return _score_pairs(
             transformer, scheduler, latents, len(prompts), condition_batch, num_inference_steps, guidance_scale,
-            seed, batch_size, trajectory=partial(velocity_difference_along_trajectory, family),
+            seed, batch_size, trajectory=partial(velocity_difference_along_trajectory, family), first_steps=first_steps,
         )
     finally:
         transformer.train(was_training)
@@ -355,6 +365,7 @@ def _score_pairs(
     seed: int,
     batch_size: int,
     trajectory=None,
+    first_steps: Optional[int] = None,
 ) -> torch.Tensor:
     """Scores of every (condition, generation) pair, run `batch_size` samples at a time; (num_conditions, G).
 
@@ -375,7 +386,7 @@ def _score_pairs(
         generator = torch.Generator(latents.device).manual_seed(_image_seed(seed, 1_000_000 + chunk_index))
         scores[start:stop] = trajectory(
             unet, sampler, latents[generation_index], conditional, unconditional,
-            num_inference_steps, guidance_scale, generator=generator,
+            num_inference_steps, guidance_scale, generator=generator, first_steps=first_steps,
         )
     return scores.reshape(num_conditions, num_generations)
 
@@ -400,6 +411,7 @@ def noise_norm_per_prompt(
     height: Optional[int] = None,
     width: Optional[int] = None,
     max_sequence_length: Optional[int] = None,
+    first_steps: Optional[int] = None,
 ):
     """The noise-norm score of each prompt for a Stable-Diffusion-style pipeline (or a mapping with its `unet`,
     `scheduler`, `tokenizer` and `text_encoder`), averaged over `num_generations` seeded generations.
@@ -409,6 +421,7 @@ def noise_norm_per_prompt(
     the empty prompt goes through the same guidance-distilled model). `guidance_scale` defaults to 7.5 for
     Stable Diffusion and to the family's pipeline default for SD3 (7.0, classifier-free) and Flux (3.5, the
     guidance embedding). `max_sequence_length` (SD3 and Flux only) is T5's padded length, default the family's.
+    `first_steps` scores only the first K sampling steps (see `noise_norm_scores`).
 
     Generation i of every prompt starts from the same noise,
     `initial_latents(pipe, num_generations, seed, height=height, width=width)[i]`, so scores are paired across
@@ -425,6 +438,7 @@ def noise_norm_per_prompt(
         [1.93, 0.41]
     """
     _check_counts(num_generations, batch_size)
+    check_first_steps(num_inference_steps, first_steps)
     prompts = list(prompts)
     unet, scheduler = _component(pipe, "unet"), _component(pipe, "scheduler")
     if _component(pipe, "text_encoder") is None or _component(pipe, "tokenizer") is None:
@@ -439,7 +453,7 @@ def noise_norm_per_prompt(
         guidance = flow_family.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         table = _flow_noise_norm_per_prompt(
             flow_family, pipe, prompts, num_generations, seed, num_inference_steps, guidance, batch_size, height,
-            width, max_sequence_length,
+            width, max_sequence_length, first_steps,
         )
         return table if return_per_generation else [float(row.mean()) for row in table]
     if max_sequence_length is not None:
@@ -478,7 +492,8 @@ def noise_norm_per_prompt(
                 )
 
         table = _score_pairs(
-            unet, scheduler, latents, len(prompts), condition_batch, num_inference_steps, guidance_scale, seed, batch_size
+            unet, scheduler, latents, len(prompts), condition_batch, num_inference_steps, guidance_scale, seed,
+            batch_size, first_steps=first_steps,
         )
     finally:
         unet.train(was_training)
@@ -502,6 +517,7 @@ def noise_norm_per_class(
     null_class_label: Optional[int] = None,
     return_per_generation: bool = False,
     batch_size: int = 64,
+    first_steps: Optional[int] = None,
 ):
     """The same score for a class-conditional UNet2DModel: each class label against the null label.
 
@@ -542,7 +558,7 @@ def noise_norm_per_class(
 
         table = _score_pairs(
             unet, ddim_scheduler_from(scheduler), latents, len(labels), condition_batch,
-            num_inference_steps, guidance_scale, seed, batch_size,
+            num_inference_steps, guidance_scale, seed, batch_size, first_steps=first_steps,
         )
     finally:
         unet.train(was_training)
@@ -561,6 +577,7 @@ def noise_norm_scores(
     height: Optional[int] = None,
     width: Optional[int] = None,
     max_sequence_length: Optional[int] = None,
+    first_steps: Optional[int] = None,
 ):
     """Noise-norm memorization score (Wen et al., ICLR 2024) of each prompt, highest for memorized prompts.
 
@@ -581,6 +598,13 @@ def noise_norm_scores(
         height, width: text-to-image only: the image size in pixels the trajectories run at (default: the
             model's native size, the UNet's `sample_size` times the VAE scale factor).
         max_sequence_length: SD3 and Flux only: T5's padded length (default the family's: 77 / 512).
+        first_steps: score only the first K steps of the `num_inference_steps` schedule and stop the trajectory
+            there: K / num_inference_steps of the cost. Wen et al. report that the first step already separates
+            memorized prompts; `first_steps=1` is that cheap form (its scores are on another scale than the
+            full trajectory's mean, so compare them only with each other).
+
+    Cost: num_generations x (first_steps or num_inference_steps) denoiser evaluations of each prompt, each on
+    both branches (the conditional and the empty prompt in one batch).
 
     Returns:
         `list[float]`, one score per prompt (L2 units of the latent; compare prompts of one model, or one prompt
@@ -606,7 +630,7 @@ def noise_norm_scores(
         return noise_norm_per_prompt(
             pipe_or_components, list(prompts), num_generations, seed, num_inference_steps, guidance_scale,
             return_per_generation=return_per_generation, batch_size=batch_size, height=height, width=width,
-            max_sequence_length=max_sequence_length,
+            max_sequence_length=max_sequence_length, first_steps=first_steps,
         )
     if height is not None or width is not None:
         raise ValueError("height and width apply to text-to-image pipelines; a UNet2DModel samples at its sample_size.")
@@ -625,5 +649,5 @@ def noise_norm_scores(
     return noise_norm_per_class(
         unet, scheduler, labels, num_generations, seed, num_inference_steps,
         DEFAULT_CLASS_GUIDANCE if guidance_scale is None else guidance_scale,
-        return_per_generation=return_per_generation, batch_size=batch_size,
+        return_per_generation=return_per_generation, batch_size=batch_size, first_steps=first_steps,
     )
