@@ -195,3 +195,24 @@ def test_sd_script_stops_and_records_it(tmp_path_factory, tmp_path, rising_forge
     assert [e["step"] for e in report["validation"]] == [2, 4, 6]
     assert rising_forget_loss == [(2, 2)] * 3  # the two forget images and the two held-out ones
     assert checkpoints(out) == ["checkpoint-6"]
+
+
+def test_toy_erasediff_stops_near_the_heldout_level(tmp_path):
+    """Behaviour on the DDPM toy (64 evaluation samples instead of the docs' 2,048): EraseDiff, which left to run
+    drives the canary's loss far above the held-out digits' (MIA AUC 0.000 after 300 steps, docs/results.md), stops
+    within a few steps of reaching the held-out level, and the final model is the stopped one."""
+    out = tmp_path / "toy"
+    run(["--method", "erasediff", "--output_dir", str(out), "--max_train_steps", "60", "--checkpointing_steps", "1000",
+         "--validation_steps", "2", "--num_validation_images", "16", "--num_eval_samples", "64",
+         "--stop_at_heldout_level"])
+    report = report_of(out)
+    stop = report["stopping"]["stopped_at_step"]
+    assert stop is not None and stop < 60
+    entry = report["validation"][-1]
+    assert entry["step"] == stop and entry["forget_loss_median"] >= 0.95 * entry["heldout_level"]
+    before_stop = report["validation"][-2]  # the previous validation had not reached the level (or had copies)
+    assert before_stop["forget_loss_median"] < 0.95 * before_stop["heldout_level"] or before_stop["memorization_rate"] > 0
+    after = report["metrics"]["after"]
+    assert after["mia_auc"] == pytest.approx(entry["mia_auc"])  # the evaluation's losses, on the stopped model
+    assert after["forget_loss"] > 5 * report["metrics"]["before"]["forget_loss"]  # the canary was forgotten ...
+    assert after["forget_loss"] < 2 * after["heldout_loss"]  # ... without running away (uncalibrated: 7x)
