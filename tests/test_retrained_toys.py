@@ -2,22 +2,15 @@
 does not reproduce the canary, while its base model does from the same seeds."""
 
 from diffusers_unlearn.toy import SD_RETRAINED_NAME, load_classifier, load_toy_pipeline, toy_info, toy_model_path
-from diffusers_unlearn.toy.text_to_image import (
-    CANARY_PROMPT,
-    DIGIT_PROMPTS,
-    SD_MEMORIZATION_THRESHOLD,
-    canary_distances,
-    digit_accuracy,
-    generate_digits,
-)
+from diffusers_unlearn.toy import text_to_image as t2i
 
 
 def test_bundled_retrained_sd_tiny_does_not_reproduce_the_canary():
     folder = toy_model_path(SD_RETRAINED_NAME)
     assert toy_info(folder)["toy"] == SD_RETRAINED_NAME
     for name, check in (("sd_tiny", lambda n: n >= 8), (SD_RETRAINED_NAME, lambda n: n == 0)):
-        images = generate_digits(load_toy_pipeline(toy_model_path(name)), [CANARY_PROMPT], num_per_prompt=32, seed=0)
-        count = int((canary_distances(images) < SD_MEMORIZATION_THRESHOLD).sum())
+        images = t2i.generate_digits(load_toy_pipeline(toy_model_path(name)), [t2i.CANARY_PROMPT], num_per_prompt=32, seed=0)
+        count = int((t2i.canary_distances(images) < t2i.SD_MEMORIZATION_THRESHOLD).sum())
         assert check(count), (name, count)
     # What the retrained model makes of the canary's prompt instead: sevens, by the bundled classifier.
-    assert digit_accuracy(load_classifier(), images, DIGIT_PROMPTS.index(CANARY_PROMPT)) >= 0.8
+    assert t2i.digit_accuracy(load_classifier(), images, t2i.DIGIT_PROMPTS.index(t2i.CANARY_PROMPT)) >= 0.8
