@@ -77,6 +77,7 @@ from diffusers_unlearn.training import (
 )
 from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
 from diffusers_unlearn.stopping import HeldoutLevelRule, add_stopping_arguments, check_stopping_arguments, check_stopping_with_sharding
+from diffusers_unlearn.verdict import add_verdict_arguments, build_verdict, check_verdict_arguments, print_verdict
 from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
 logger = get_logger(__name__, log_level="INFO")
@@ -150,6 +151,7 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance for class-conditional sampling.")
     parser.add_argument("--class_min_confidence", type=float, default=0.5, help="Class unlearning: a sample counts as --forget_class only if the classifier gives it this probability (0: plain arg-max). Keeps noise, which an arg-max labels as some class, out of the count.")
     parser.add_argument("--classifier_dir", type=str, default=None, help="A DigitsClassifier-style folder for FD and class rates (default: the toy classifier for toy-sized images).")
+    add_verdict_arguments(parser)
     parser.add_argument("--retrained_model_name_or_path", type=str, default=None, help="A DDPM pipeline retrained without the forget data (the gold standard; for the toy's canary: diffusers_unlearn/toy/assets/ddpm_unconditional_retrained_without_canary). The report gains the distance to it before and after (fd_to_retrain, forget_loss_gap_to_retrain, mia_auc_vs_retrain, ...; docs/metrics.md) and its own metrics under retrained_model.")
     args = parser.parse_args(argv)
 
@@ -189,6 +191,7 @@ def parse_args(argv=None):
         args.learning_rate = 5e-3 if args.train_mode == "lora" else 1e-4
     check_stopping_arguments(parser, args, has_heldout=bool(args.heldout_data_dir) or unlearn_data.TOY_DATASET in (args.forget_dataset_name, args.keep_dataset_name))
     check_number_flags(parser, args)
+    check_verdict_arguments(parser, args)
     if args.keep_from_generations and not args.using_toy and args.keep_generation_threshold is None and args.memorization_threshold is None and args.copy_detector == PIXEL:
         # Without a keep set there is no distance to derive a threshold from.
         parser.error("--keep_from_generations needs --keep_generation_threshold or --memorization_threshold (pixel L2 in [0,1] units) to tell forget copies apart.")
@@ -518,10 +521,13 @@ def main(args):
             "validation": validation_history,
             "stopping": rule.summary(validation_history) if rule is not None else None,
         }
+        report["verdict"] = build_verdict(before, after, args.verdict_thresholds, class_unlearning=class_unlearning,
+                                          retrained_model=args.retrained_model_name_or_path)
         atomic_write_json(staged.file("unlearning_report.json"), report)
         write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), repo_id, images, is_adapter=args.train_mode == "lora", into=staged.path)
         staged.commit()
         print_summary(report)
+        print_verdict(report["verdict"])
         if args.push_to_hub:
             push_folder(args.output_dir, repo_id, args.hub_token, f"Unlearn with {args.method}")
             logger.info(f"Uploaded to {repo_id}.")

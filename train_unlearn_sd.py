@@ -75,6 +75,7 @@ from diffusers_unlearn.training import (
 )
 from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
 from diffusers_unlearn.stopping import HeldoutLevelRule, add_stopping_arguments, check_stopping_arguments, check_stopping_with_sharding
+from diffusers_unlearn.verdict import add_verdict_arguments, build_verdict, check_verdict_arguments, print_verdict
 from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
 logger = get_logger(__name__, log_level="INFO")
@@ -163,6 +164,7 @@ def parse_args(argv=None):
     parser.add_argument("--near_duplicate_distance", type=float, default=None, help="Pixel L2 ([0,1] units, at the training resolution) below which a keep image counts as a copy of a forget image (the same picture in another encoding, such as JPEG) and is removed from the keep set with a notice; 0 removes exact copies only. Default: an RMS pixel difference of 0.04, i.e. 0.04 * sqrt(3 * resolution^2).")
     parser.add_argument("--num_other_prompt_images", type=int, default=32, help="Toy only: generations per other digit prompt for the digit accuracy.")
     parser.add_argument("--noise_norm_generations", type=int, default=4, help="Generations per prompt for the noise-norm score (0 disables it).")
+    add_verdict_arguments(parser)
     args = parser.parse_args(argv)
 
     # Cheap checks first: nothing has been loaded yet.
@@ -226,6 +228,7 @@ def parse_args(argv=None):
         args.learning_rate = defaults["learning_rate"][args.train_mode]
     check_stopping_arguments(parser, args, has_heldout=bool(args.heldout_data_dir) or args.using_toy)
     check_number_flags(parser, args)
+    check_verdict_arguments(parser, args)
     check_model_path(args.pretrained_model_name_or_path, model_kinds(args))
     if args.pretrained_vae_model_name_or_path is not None:
         check_vae_path(parser, args.pretrained_vae_model_name_or_path)
@@ -756,11 +759,13 @@ def main(args):
             "validation": validation_history,
             "stopping": rule.summary(validation_history) if rule is not None else None,
         }
+        report["verdict"] = build_verdict(before, after, args.verdict_thresholds)
         atomic_write_json(staged.file("unlearning_report.json"), report)
         write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), repo_id, images, is_adapter=args.train_mode == "lora", text_to_image=True, into=staged.path, pipeline_class=family.plain_pipeline_class_name)
         staged.commit()
         print_summary(report)
         print_prompt_table(per_prompt)
+        print_verdict(report["verdict"])
         if args.push_to_hub:
             push_folder(args.output_dir, repo_id, args.hub_token, f"Unlearn with {args.method}")
             logger.info(f"Uploaded to {repo_id}.")

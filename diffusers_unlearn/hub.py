@@ -99,6 +99,15 @@ def write_model_card(
             f"\nCopy detection: `{detector.get('name')}`, threshold {_format(detector.get('threshold'))} "
             f"({detector.get('threshold_units')}).\n"
         )
+    verdict = ""
+    if report.get("verdict"):  # what was and was not shown, with the thresholds (diffusers_unlearn/verdict.py)
+        from .verdict import verdict_table
+
+        verdict = (
+            "\n## Verdict\n\nEach claim is judged from the same evaluation before and after unlearning; the thresholds "
+            "are the `--verdict_*` flags of the training script (docs/metrics.md, \"The verdict\").\n\n"
+            + verdict_table(report["verdict"]) + "\n"
+        )
     gallery = ""
     for caption, file_name in (images or {}).items():
         gallery += f"\n**{caption}**\n\n![{caption}](./{file_name})\n"
@@ -108,7 +117,7 @@ def write_model_card(
 This {'adapter' if is_adapter else 'model'} removes {len(items)} training item(s) from `{base_model}` with the
 `{method}` objective of [diffusers-unlearn](https://pypi.org/project/diffusers-unlearn/).
 Trained for {report.get('max_train_steps', '?')} steps (seed {report.get('seed')}) in {_format(report.get('wall_seconds'))} s.
-
+{verdict}
 ## Measured effect (same sampling seeds before and after)
 
 {metrics_table(report)}

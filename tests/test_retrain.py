@@ -173,6 +173,13 @@ def test_script_reports_distance_to_retrain_before_and_after(workspace, tmp_path
     assert after["fd_to_retrain"] > 0 and after["forget_loss_gap_to_retrain"] != 0
     assert after["forget_loss_gap_to_retrain"] == pytest.approx(after["forget_loss"] - retrained["metrics"]["forget_loss"])
     assert (out / "samples_retrained.png").is_file()
+    # The verdict judges "closer to retrain" against the base model's distance, here 0: moving away fails it.
+    claims = {c["claim"]: c for c in report["verdict"]["claims"]}
+    assert claims["close_to_retrain"]["figure"] == "fd_to_retrain" and claims["close_to_retrain"]["base"] == 0.0
+    assert claims["close_to_retrain"]["result"] == "fail" and report["verdict"]["result"] == "fail"
+    assert claims["copies_gone"]["measured"] == after["memorization_rate"]
+    assert claims["forget_like_unseen"]["measured"] == after["mia_auc"]
+    assert "## Verdict" in (out / "README.md").read_text()
 
 
 def test_script_without_the_flag_has_no_retrain_keys(workspace, tmp_path):  # noqa: F811

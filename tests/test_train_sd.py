@@ -91,6 +91,15 @@ def test_full_run_writes_report_adapter_grids_and_card(workspace, tmp_path, capl
     for tag in ("- diffusers", "- lora", "- unlearning", "- siss", "- stable-diffusion", "- text-to-image"):
         assert tag in card
     assert "load_lora_weights" in card and "a photo of a cat" in card
+    # The verdict: every claim judged from the metrics above, with its threshold (defaults of the --verdict_* flags).
+    claims = {c["claim"]: c for c in report["verdict"]["claims"]}
+    after = report["metrics"]["after"]
+    assert claims["copies_gone"]["measured"] == after["memorization_rate"]
+    assert claims["copies_gone"]["result"] == ("pass" if after["memorization_rate"] == 0 else "fail")
+    assert claims["forget_like_unseen"]["result"] == ("pass" if 0.35 <= after["mia_auc"] <= 0.65 else "fail")
+    assert claims["others_unchanged"]["figure"] == "keep_loss"  # no classifier outside the toys
+    assert report["verdict"]["not_shown"] == ["close_to_retrain"]
+    assert "## Verdict" in card and "not shown: no retrained model" in card
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
     # Plain diffusers loads the adapter, with its rank and alpha, and reproduces the trained UNet's weights.
