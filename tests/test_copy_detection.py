@@ -435,3 +435,11 @@ def test_evaluate_cli_counts_copies_with_the_feature_detector(ddpm_workspace, di
     assert "copy_detector" not in pixel and pixel["memorization_rate"] == 0.0
     with pytest.raises(UserInputError, match="only .bin"):
         evaluate.main(common + ["--copy_detector", str(save_tiny_dinov2(tmp_path / "bin", safetensors=False))])
+
+
+def test_detectors_are_part_of_the_metrics_api():
+    import diffusers_unlearn.metrics as metrics
+    from diffusers_unlearn.metrics import copy_detection
+
+    for name in ("CopyDetector", "PixelCopyDetector", "FeatureCopyDetector", "load_copy_detector", "cluster_fraction"):
+        assert name in metrics.__all__ and getattr(metrics, name) is getattr(copy_detection, name)
