@@ -197,7 +197,7 @@ def parse_args(argv=None):
         parser.error("--keep_from_generations needs --keep_generation_threshold or --memorization_threshold (pixel L2 in [0,1] units) to tell forget copies apart.")
     check_model_path(args.pretrained_model_name_or_path, DDPM)
     if args.retrained_model_name_or_path is not None:
-        check_model_path(args.retrained_model_name_or_path, DDPM)
+        check_model_path(args.retrained_model_name_or_path, DDPM, "--retrained_model_name_or_path")
     check_resume_argument(args)
     return args
 

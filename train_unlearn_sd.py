@@ -22,6 +22,7 @@ card, upload.
 """
 
 import argparse
+import gc
 import importlib.util
 import os
 import time
@@ -50,7 +51,7 @@ from diffusers_unlearn.lora import (
     prepare_full_finetune,
     trainable_parameters,
 )
-from diffusers_unlearn.metrics import denoising_losses, memorization_rate, mia_auc
+from diffusers_unlearn.metrics import classifier_features, denoising_losses, distance_to_retrain, memorization_rate, mia_auc, query_losses, retrain_reference
 from diffusers_unlearn.metrics.copy_detection import PIXEL, PixelCopyDetector, add_copy_detector_arguments, copy_detector_threshold, detector_fingerprint, load_copy_detector
 from diffusers_unlearn.outputs import StagedRun, check_output_dir, exclusive_output_dir
 from diffusers_unlearn.objectives import DenoisingBatch, Denoiser, get_objective, hyperparameters_from_flags
@@ -164,6 +165,7 @@ def parse_args(argv=None):
     parser.add_argument("--near_duplicate_distance", type=float, default=None, help="Pixel L2 ([0,1] units, at the training resolution) below which a keep image counts as a copy of a forget image (the same picture in another encoding, such as JPEG) and is removed from the keep set with a notice; 0 removes exact copies only. Default: an RMS pixel difference of 0.04, i.e. 0.04 * sqrt(3 * resolution^2).")
     parser.add_argument("--num_other_prompt_images", type=int, default=32, help="Toy only: generations per other digit prompt for the digit accuracy.")
     parser.add_argument("--noise_norm_generations", type=int, default=4, help="Generations per prompt for the noise-norm score (0 disables it).")
+    parser.add_argument("--retrained_model_name_or_path", type=str, default=None, help="A pipeline of the same family retrained without the forget data (the gold standard; for the toy's canary: diffusers_unlearn/toy/assets/sd_tiny_retrained_without_canary). It is evaluated once with the same prompts and seeds; the report gains the distance to it before and after (forget_loss_gap_to_retrain, mia_auc_vs_retrain, fd_to_retrain on the toys; docs/metrics.md) and its own metrics under retrained_model. Needs memory for its pipeline beside the base model's during that evaluation.")
     add_verdict_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -234,6 +236,8 @@ def parse_args(argv=None):
         check_vae_path(parser, args.pretrained_vae_model_name_or_path)
     if os.path.isdir(args.pretrained_model_name_or_path):
         check_model_folder(parser, args.pretrained_model_name_or_path, family_for_folder(args.pretrained_model_name_or_path, args.model_family))
+    if args.retrained_model_name_or_path is not None:
+        check_retrained_model(parser, args)
     check_resume_argument(args)
     return args
 
@@ -273,11 +277,25 @@ def model_kinds(args):
     return tuple(TEXT_TO_IMAGE_KINDS.values())
 
 
-def check_model_folder(parser, path, family):
+def check_model_folder(parser, path, family, flag="--pretrained_model_name_or_path"):
     """A local model folder must hold every component its family loads (a Hub id is checked when it loads)."""
     missing = [name for name in family.component_names if not os.path.isdir(os.path.join(path, name))]
     if missing:
-        parser.error(f"{path} is not a complete {family.plain_pipeline_class_name} folder: it has no {', '.join(missing)} subfolder(s). Point --pretrained_model_name_or_path at a folder saved with {family.plain_pipeline_class_name}.save_pretrained.")
+        parser.error(f"{path} is not a complete {family.plain_pipeline_class_name} folder: it has no {', '.join(missing)} subfolder(s). Point {flag} at a folder saved with {family.plain_pipeline_class_name}.save_pretrained.")
+
+
+def check_retrained_model(parser, args):
+    """--retrained_model_name_or_path: a pipeline of the base model's family (a local folder is checked whole)."""
+    try:
+        check_model_path(args.retrained_model_name_or_path, model_kinds(args), "--retrained_model_name_or_path")
+    except UserInputError as error:
+        parser.error(str(error))
+    if os.path.isdir(args.retrained_model_name_or_path) and os.path.isdir(args.pretrained_model_name_or_path):
+        family = family_for_folder(args.retrained_model_name_or_path, args.model_family)
+        base = family_for_folder(args.pretrained_model_name_or_path, args.model_family)
+        if family.name != base.name:
+            parser.error(f"--retrained_model_name_or_path {args.retrained_model_name_or_path} is a {family.name} pipeline, the base model a {base.name} one; the retrained model must be the same family.")
+        check_model_folder(parser, args.retrained_model_name_or_path, family, "--retrained_model_name_or_path")
 
 
 def check_vae_path(parser, path):
@@ -480,10 +498,10 @@ def main(args):
     forget_prompts = list(dict.fromkeys(forget.texts))
     validation_prompt = args.validation_prompt or forget_prompts[0]
 
-    def cache(image_set):
+    def cache(image_set, components=components):
         """(latents, token ids, conditioning dict) of an image set's fixed (centre-crop) form, on the CPU: the
         family's latents and prompt conditioning (SDXL: pooled embeddings and time_ids from each image's original
-        size and centre-crop corner)."""
+        size and centre-crop corner), by `components`' VAE and text encoders."""
         images, texts = image_set.images, list(image_set.texts)
         sizes = corners = None
         if image_set.sources is not None:
@@ -518,11 +536,16 @@ def main(args):
         toy_prompts = [p for p in DIGIT_PROMPTS if p not in forget_prompts]
         classifier = load_classifier()
 
-    def evaluate(model):
-        with accelerator.autocast():  # a no-op without --mixed_precision
-            return evaluate_in_precision(accelerator.unwrap_model(model))
+    retrain = None  # the retrained model's RetrainReference, once it has been evaluated
+    base_side = (pipe, schedule, forget_cache, keep_cache, heldout_cache)
 
-    def evaluate_in_precision(model):
+    def evaluate(model, side=base_side):
+        with accelerator.autocast():  # a no-op without --mixed_precision
+            return evaluate_in_precision(accelerator.unwrap_model(model), *side)
+
+    def evaluate_in_precision(model, pipe, schedule, forget_cache, keep_cache, heldout_cache):
+        """One evaluation of `model` in `pipe` (the base model's pipeline, or the retrained model's with its own
+        schedule and caches: its VAE and text encoders may differ)."""
         was_training = model.training
         model.eval()
         setattr(pipe, family.denoiser_name, model)
@@ -559,11 +582,37 @@ def main(args):
         for name, values in losses.items():
             report[f"{name}_loss"] = float(values.mean())
         report["mia_auc"] = mia_auc(losses["forget"], losses["heldout"]) if "heldout" in losses else None
+        if args.retrained_model_name_or_path:  # the same forget queries and sampling seeds as the retrained model's
+            with accelerator.autocast():
+                measures = (query_losses(denoiser, batch_of(forget_cache, 256), seed=args.seed),
+                            classifier_features(classifier, torch.cat(generations)) if classifier is not None else None)
+            if retrain is None:  # this is the retrained model
+                report["retrain_measures"] = measures
+            else:
+                report.update(distance_to_retrain(retrain, *measures, model_mia_auc=report["mia_auc"]))
         report["samples"] = generations[0][: args.num_validation_images]
         model.train(was_training)
         return report, per_prompt
 
     before, per_prompt_before = (None, None)
+    retrained = None
+    if accelerator.is_main_process and args.retrained_model_name_or_path:
+        # Its own components (a retrained VAE or text encoder too, where it has one), evaluated once, then freed.
+        retrained_components = family.load(args.retrained_model_name_or_path, weight_dtype, cache_dir=args.cache_dir)
+        for module in retrained_components.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        retrained_schedule = family.schedule(retrained_components, args.prediction_type)
+        retrained_pipe = family.sampling_pipeline(retrained_components, family.evaluation_scheduler(retrained_components, retrained_schedule.prediction_type), model_index)
+        retrained_side = (retrained_pipe, retrained_schedule, cache(forget, retrained_components), cache(keep, retrained_components),
+                          cache(heldout, retrained_components) if heldout is not None else None)
+        retrained, _ = evaluate(retrained_components[family.denoiser_name], retrained_side)
+        retrain = retrain_reference(*retrained.pop("retrain_measures"), mia_auc=retrained["mia_auc"])
+        del retrained_components, retrained_pipe, retrained_side
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info(f"Retrained model: { {k: v for k, v in retrained.items() if not torch.is_tensor(v)} }")
     if accelerator.is_main_process:
         before, per_prompt_before = evaluate(unet)
         logger.info(f"Before unlearning: { {k: v for k, v in before.items() if not torch.is_tensor(v)} }")
@@ -723,6 +772,9 @@ def main(args):
 
         images = {}
         scale = max(1, 64 // resolution)
+        if retrained is not None:
+            save_image_atomic(make_grid(retrained.pop("samples"), scale=scale), staged.file("samples_retrained.png"))
+            images[f"{forget_prompts[0]!r}, model retrained without the forget data (same seeds)"] = "samples_retrained.png"
         for label, metrics in (("before", before), ("after", after)):
             save_image_atomic(make_grid(metrics.pop("samples"), scale=scale), staged.file(f"samples_{label}.png"))
             images[f"{forget_prompts[0]!r} {label} unlearning (same seeds)"] = f"samples_{label}.png"
@@ -756,10 +808,11 @@ def main(args):
             "wall_seconds": wall,
             "metrics": {"before": before, "after": after},
             "per_prompt": per_prompt,
+            "retrained_model": None if retrained is None else {"path": str(args.retrained_model_name_or_path), "metrics": retrained},
             "validation": validation_history,
             "stopping": rule.summary(validation_history) if rule is not None else None,
         }
-        report["verdict"] = build_verdict(before, after, args.verdict_thresholds)
+        report["verdict"] = build_verdict(before, after, args.verdict_thresholds, retrained_model=args.retrained_model_name_or_path)
         atomic_write_json(staged.file("unlearning_report.json"), report)
         write_model_card(args.output_dir, report, str(args.pretrained_model_name_or_path), repo_id, images, is_adapter=args.train_mode == "lora", text_to_image=True, into=staged.path, pipeline_class=family.plain_pipeline_class_name)
         staged.commit()

@@ -146,20 +146,20 @@ def _read_json(path: str) -> dict:
     return value
 
 
-def check_model_path(path: str, kind: ModelKind | tuple[ModelKind, ...]) -> None:
-    """Refuse, before anything loads, a `--pretrained_model_name_or_path` that is neither a local folder nor
-    shaped like a Hub id, a file, or a local folder of another kind of model than `kind` (one kind, or a tuple of
-    the kinds a script takes; the error names what it holds, what was expected, and which script takes it). A Hub id is checked by `check_hub_model`, which may need
-    the network.
+def check_model_path(path: str, kind: ModelKind | tuple[ModelKind, ...], flag: str = FLAG) -> None:
+    """Refuse, before anything loads, a `--pretrained_model_name_or_path` (or the model flag `flag`) that is
+    neither a local folder nor shaped like a Hub id, a file, or a local folder of another kind of model than `kind`
+    (one kind, or a tuple of the kinds a script takes; the error names what it holds, what was expected, and which
+    script takes it). A Hub id is checked by `check_hub_model`, which may need the network.
     """
     if os.path.isdir(path):
         _check_kind(path, *pipeline_components(path), kind)
         return
     if os.path.exists(path):
-        raise UserInputError(f"{FLAG} {path} is a file; pass a model folder (saved with save_pretrained) or a Hub id.")
+        raise UserInputError(f"{flag} {path} is a file; pass a model folder (saved with save_pretrained) or a Hub id.")
     if not looks_like_hub_id(path):
         raise UserInputError(
-            f"{FLAG}: no such local folder and not a Hub id: {path}. Pass a folder saved with save_pretrained, "
+            f"{flag}: no such local folder and not a Hub id: {path}. Pass a folder saved with save_pretrained, "
             "or a Hub id such as org/model-name."
         )
 

@@ -284,15 +284,22 @@ def test_no_arguments_use_the_bundled_toy_with_siss_and_lora():
 
 
 def test_toy_defaults_remove_the_canary(tmp_path):
-    """The no-argument training recipe, with a lighter evaluation: the canary rate falls to <= 10% of its base."""
+    """The no-argument training recipe, with a lighter evaluation: the canary rate falls to <= 10% of its base,
+    and the seven prompt's generations move toward those of the toy retrained without the canary."""
+    from diffusers_unlearn.toy import SD_RETRAINED_NAME, toy_model_path
+
     out = tmp_path / "toy"
     run(["--output_dir", str(out), "--num_eval_images", "64", "--noise_norm_generations", "0",
-         "--num_other_prompt_images", "8", "--num_validation_images", "4", "--validation_steps", "100"])
+         "--num_other_prompt_images", "8", "--num_validation_images", "4", "--validation_steps", "100",
+         "--retrained_model_name_or_path", toy_model_path(SD_RETRAINED_NAME)])
     report = json.loads((out / "unlearning_report.json").read_text())
     before, after = report["metrics"]["before"], report["metrics"]["after"]
     assert before["memorization_rate"] >= 0.3
     assert after["memorization_rate"] <= 0.1 * before["memorization_rate"], (before, after)
     assert after["other_prompts_digit_accuracy"] >= 0.9 * before["other_prompts_digit_accuracy"]
+    assert report["retrained_model"]["metrics"]["memorization_rate"] == 0.0  # it never saw the canary
+    assert after["fd_to_retrain"] < before["fd_to_retrain"], (before["fd_to_retrain"], after["fd_to_retrain"])
+    assert before["forget_loss_gap_to_retrain"] < 0  # the base model fits the canary better than the retrained one
     # The adapter, convolutions included, loads into the toy with plain diffusers.
     from diffusers import StableDiffusionPipeline
 
