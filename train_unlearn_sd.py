@@ -95,7 +95,7 @@ def parse_args(argv=None):
     parser.add_argument("--memorized_prompts_file", type=str, default=None, help="JSON lines with a 'caption' field (or one prompt per line); the forget images are the model's own generations that cluster together.")
     parser.add_argument("--num_forget_generations", type=int, default=16, help="Generations per memorized prompt searched for a cluster.")
     parser.add_argument("--keep_data_dir", type=str, default=None, help="Image folder with metadata.jsonl (file_name, text) of images to keep, read like --forget_data_dir. Copies of forget images (exact, or within --near_duplicate_distance) are removed from it with a notice.")
-    parser.add_argument("--keep_from_generations", type=int, default=None, help="Generate N images per forget prompt; those far from every forget image become the keep set.")
+    parser.add_argument("--keep_from_generations", type=int, default=None, help="Generate N images per forget prompt (on sd_tiny_captioned: per digit prompt); those far from every forget image become the keep set.")
     add_keep_dataset_arguments(parser)  # --dataset_name, --train_data_dir, ...: the keep set, as the official script's data
     parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation counts as a forget copy (of a forget image, or of a generation already counted as one). Default: --memorization_threshold.")
     parser.add_argument("--heldout_data_dir", type=str, default=None, help="Image folder with prompts the model never saw: heldout_loss and membership-inference AUC.")
@@ -216,6 +216,9 @@ def parse_args(argv=None):
     except ValueError as error:
         parser.error(str(error))
     args.using_toy = toy is not None
+    # sd_tiny_captioned's marker names its canary's own caption and, for the keep set, the digit prompts.
+    args.toy_forget_prompt = (toy or {}).get("forget_prompt")
+    args.toy_keep_prompts = (toy or {}).get("keep_prompts")
     if args.using_toy:
         if args.max_sequence_length is None and "max_sequence_length" in toy:
             args.max_sequence_length = toy["max_sequence_length"]
@@ -254,6 +257,9 @@ TOY_DEFAULTS = {
 }
 # sd_tiny retrained without the canary (the gold standard, toy.SD_RETRAINED_NAME) has sd_tiny's architecture.
 TOY_DEFAULTS["sd_tiny_retrained_without_canary"] = TOY_DEFAULTS["sd_tiny"]
+# sd_tiny with the canary under its own caption (toy.SD_CAPTIONED_NAME): sd_tiny's architecture and rates; every
+# generation of that caption is the canary, so the keep set is generations of the ten digit prompts, N per prompt.
+TOY_DEFAULTS["sd_tiny_captioned"] = {**TOY_DEFAULTS["sd_tiny"], "keep_from_generations": 32}
 
 FAMILY_OPTION_FLAGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
 
@@ -348,10 +354,10 @@ def load_forget_and_keep(args, pipe, resolution, threshold, detector=None):
         forget = unlearn_data.load_prompted_images(args.forget_images, args.forget_prompts or [], resolution, channels, "forget", interpolation=interpolation)
     elif args.memorized_prompts_file:
         forget, keep = forget_from_generations(args, pipe, unlearn_data.read_prompts_file(args.memorized_prompts_file), detector, resolution)
-    else:  # the toy: its canary, under the prompt it shares with one digit class
-        from diffusers_unlearn.toy.text_to_image import canary_forget_set
+    else:  # the toy: its canary, under the prompt it shares with one digit class (or its own caption)
+        from diffusers_unlearn.toy.text_to_image import CANARY_PROMPT, canary_forget_set
 
-        forget = canary_forget_set(resolution)
+        forget = canary_forget_set(resolution, prompt=args.toy_forget_prompt or CANARY_PROMPT)
     forget = unlearn_data.deduplicate(forget, "forget")
 
     if args.keep_data_dir:
@@ -359,11 +365,13 @@ def load_forget_and_keep(args, pipe, resolution, threshold, detector=None):
     elif args.dataset_name or args.train_data_dir:
         keep = unlearn_data.load_text_image_dataset(open_keep_dataset(args), resolution, channels, args.image_column, args.caption_column, interpolation, max_samples=args.max_train_samples, seed=args.seed, name="keep")
     elif args.keep_from_generations:
-        prompts = sorted(set(forget.texts))
+        toy_canary = not (args.forget_data_dir or args.forget_images or args.memorized_prompts_file)
+        prompts = args.toy_keep_prompts if toy_canary and args.toy_keep_prompts else sorted(set(forget.texts))
         generations = generate_images(pipe, prompts, args.keep_from_generations, seed=args.seed + 1, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution, max_sequence_length=args.sampling_max_sequence_length)
         kept, texts = [], []
         for prompt, images in zip(prompts, generations):
             own = forget.images[[i for i, text in enumerate(forget.texts) if text == prompt]]
+            own = own if len(own) else forget.images  # a keep prompt that is no forget prompt: no forget copies either
             keep_detector = detector.with_threshold(args.keep_generation_threshold) if args.keep_generation_threshold else detector
             far, near = unlearn_data.filter_far_from(images, own, copy_detector=keep_detector)
             logger.info(f"--keep_from_generations, {prompt!r}: {len(far)} generation(s) kept, {len(near)} rejected as forget copies.")

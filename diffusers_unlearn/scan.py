@@ -17,6 +17,17 @@ collapse onto one image), judged by `--copy_detector` (pixel L2 below `--memoriz
 similarity of an image model's features above `--copy_similarity_threshold`), the same detector and check as
 `train_unlearn_sd.py --memorized_prompts_file` uses to find the memorized image.
 
+On a text-to-image toy folder (one with a `diffusers_unlearn_toy.json`) the prompts file may be left out: the scan
+then ranks the toy's own prompts (the digit prompts and, on `sd_tiny_captioned`, the canary's caption). Give the
+prompts known to be memorized (`--known_memorized_file`; on a toy, its forget prompt by default) and the scan also
+prints the detection AUC: the probability that a known-memorized prompt outscores another prompt (1.0: it ranks
+first). `--adapter` scores the model with a LoRA adapter loaded, e.g. `train_unlearn_sd.py`'s output, to check
+that an unlearned prompt no longer stands out:
+
+    python -m diffusers_unlearn.scan --pretrained_model_name_or_path diffusers_unlearn/toy/assets/sd_tiny_captioned
+    python -m diffusers_unlearn.scan --pretrained_model_name_or_path diffusers_unlearn/toy/assets/sd_tiny_captioned \
+        --adapter unlearned/
+
 Cost: each prompt takes num_generations x num_inference_steps denoiser evaluations on two branches (the prompt and
 ""), printed at the end. `--first_steps 1` scores only the first sampling step (Wen et al. report that it already
 separates memorized prompts), 1/num_inference_steps of the cost; its scores are on their own scale.
@@ -40,7 +51,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Hub id or local folder. Default: the bundled tiny text-to-image toy.")
     parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--variant", type=str, default=None)
-    parser.add_argument("--prompts_file", type=str, required=True, help="JSON lines with a 'caption' field, or one prompt per line.")
+    parser.add_argument("--adapter", type=str, default=None, help="LoRA adapter to load first (pipe.load_lora_weights): a .safetensors file, or a folder with pytorch_lora_weights.safetensors (train_unlearn_sd.py's --output_dir).")
+    parser.add_argument("--prompts_file", type=str, default=None, help="JSON lines with a 'caption' field, or one prompt per line. Default on a toy folder: the toy's prompts.")
+    parser.add_argument("--known_memorized_file", type=str, default=None, help="Prompts known to be memorized (same formats); each must be in the scanned prompts. Adds 'known_memorized' to each row and prints the detection AUC. Default on a toy folder: its forget prompt, when scanned.")
     parser.add_argument("--output_file", type=str, default="memorization_scan.jsonl")
     parser.add_argument("--top_k", type=int, default=None, help="Write only the K highest-scoring prompts.")
     parser.add_argument("--num_generations", type=int, default=4, help="Seeded generations per prompt.")
@@ -75,15 +88,63 @@ def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
         raise
 
 
+def resolve_adapter(path: str) -> tuple[str, Optional[str]]:
+    """`(folder, weight_name)` for `load_lora_weights` from an adapter file or folder; a clear error if missing."""
+    from .errors import UserInputError
+    from .lora import DEFAULT_WEIGHT_NAME
+
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise UserInputError(f"--adapter {path}: only safetensors adapters are loaded.")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if os.path.isfile(os.path.join(path, DEFAULT_WEIGHT_NAME)):
+        return path, DEFAULT_WEIGHT_NAME
+    raise UserInputError(f"--adapter {path}: no such .safetensors file, nor a folder with {DEFAULT_WEIGHT_NAME}.")
+
+
+def scan_prompts(args: argparse.Namespace, toy: Optional[dict]) -> tuple[list[str], list[str]]:
+    """`(prompts, known_memorized)`: the prompts to rank and those known to be memorized (possibly none)."""
+    from .data import read_prompts_file
+    from .errors import UserInputError
+
+    toy_forget, toy_keep = (None, [])
+    if toy is not None:
+        from .toy import toy_prompts
+
+        toy_forget, toy_keep = toy_prompts(toy)
+    if args.prompts_file is not None:
+        prompts = read_prompts_file(args.prompts_file)
+    elif toy is not None:
+        prompts = toy_keep + [toy_forget]
+    else:
+        raise UserInputError("--prompts_file is needed (only a toy folder has prompts of its own).")
+    if args.known_memorized_file is not None:
+        known = read_prompts_file(args.known_memorized_file)
+        missing = [p for p in known if p not in prompts]
+        if missing:
+            raise UserInputError(f"--known_memorized_file: {missing[:3]} not among the scanned prompts; add them to --prompts_file.")
+        if len(known) == len(prompts):
+            raise UserInputError("Every scanned prompt is in --known_memorized_file: the detection AUC needs other prompts too.")
+    else:  # a toy's forget prompt, when scanned among others
+        known = [toy_forget] if toy_forget in prompts and len(prompts) > 1 else []
+    return prompts, known
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from .data import read_prompts_file
-    from .metrics.noise_norm import check_first_steps, noise_norm_scores
+    from .metrics.noise_norm import check_first_steps, detection_auc, noise_norm_scores
 
     args = parse_args(argv)
     # Cheap checks before the model loads.
-    prompts = read_prompts_file(args.prompts_file)
+    path = args.pretrained_model_name_or_path
+    from .toy import toy_info, toy_model_path
+
+    if path is None:
+        path = toy_model_path("sd_tiny")
+    toy = toy_info(path) if os.path.isdir(path) else None
+    prompts, known = scan_prompts(args, toy)
+    adapter = resolve_adapter(args.adapter) if args.adapter is not None else None
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {args.top_k}.")
     for flag in ("num_generations", "num_inference_steps", "batch_size"):
@@ -101,12 +162,6 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         raise ValueError("--copy_detector, --copy_similarity_threshold and --memorization_threshold apply to the cluster check: add --num_cluster_generations N.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda needs a CUDA GPU; use --device cpu.")
-    path = args.pretrained_model_name_or_path
-    from .toy import toy_info, toy_model_path
-
-    if path is None:
-        path = toy_model_path("sd_tiny")
-    toy = toy_info(path) if os.path.isdir(path) else None
     if toy is not None and args.max_sequence_length is None:  # sd3_tiny samples with its own T5 length
         args.max_sequence_length = toy.get("max_sequence_length")
     dtype = getattr(torch, args.dtype)
@@ -119,6 +174,12 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     pipe = pipeline_class.from_pretrained(
         path, revision=args.revision, variant=args.variant, torch_dtype=dtype, **extra
     ).to(args.device)
+    if adapter is not None:  # plain diffusers' loader: the denoiser's and any text encoder's LoRA weights
+        pipe.load_lora_weights(adapter[0], weight_name=adapter[1], adapter_name="scanned")
+        if "scanned" not in pipe.get_active_adapters():
+            from .errors import UserInputError
+
+            raise UserInputError(f"--adapter {args.adapter}: no LoRA weight of it matched this model.")
     if isinstance(family, FlowMatchingFamily):
         pipe.scheduler = family.evaluation_scheduler(pipe.components)  # the pipeline's own flow sampler
     else:
@@ -135,6 +196,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     )
     order = sorted(range(len(prompts)), key=lambda i: -scores[i])
     rows = [{"caption": prompts[i], "noise_norm": scores[i], "rank": rank + 1} for rank, i in enumerate(order)]
+    if known:
+        for row in rows:
+            row["known_memorized"] = row["caption"] in known
+        known_ranks = [row["rank"] for row in rows if row["known_memorized"]]
     if detector is not None:
         from .metrics.copy_detection import generation_cluster_fractions
 
@@ -154,7 +219,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     print(f"{'rank':>4s} {'noise norm':>11s}" + (f"{'cluster':>8s}" if cluster else "") + "  prompt")
     for row in rows:
         fraction = f"{row['cluster_fraction']:8.3f}" if cluster else ""
-        print(f"{row['rank']:4d} {row['noise_norm']:11.4f}{fraction}  {row['caption'][:100]}")
+        mark = "  [known memorized]" if row.get("known_memorized") else ""
+        print(f"{row['rank']:4d} {row['noise_norm']:11.4f}{fraction}  {row['caption'][:100]}{mark}")
+    if known:
+        auc = detection_auc(scores, [p in known for p in prompts])
+        print(f"Detection AUC: {auc:.3f} ({len(known)} known memorized prompt(s), at rank(s) {known_ranks}, vs {len(prompts) - len(known)} other(s)).")
     steps = args.first_steps or args.num_inference_steps
     print(
         f"Cost: {args.num_generations * steps} denoiser evaluations per prompt ({args.num_generations} generation(s) x "
@@ -165,4 +234,6 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from .errors import run_script
+
+    run_script(main, "python -m diffusers_unlearn.scan")

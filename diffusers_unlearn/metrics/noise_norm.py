@@ -651,3 +651,34 @@ def noise_norm_scores(
         DEFAULT_CLASS_GUIDANCE if guidance_scale is None else guidance_scale,
         return_per_generation=return_per_generation, batch_size=batch_size, first_steps=first_steps,
     )
+
+
+def detection_auc(scores: Sequence[float], memorized: Sequence[bool]) -> float:
+    """Area under the ROC curve of flagging prompts as memorized by their score (high = memorized).
+
+    The probability that a randomly chosen known-memorized prompt scores higher than a randomly chosen other
+    prompt, ties counting one half (the Mann-Whitney U statistic over both counts). 1.0: every memorized prompt
+    outranks every other prompt; 0.5: the score does not tell them apart. With one memorized prompt among N it is
+    (N - rank) / (N - 1) for its rank (1 = first), so it says how far down the list one must read.
+
+    Args:
+        scores: one score per prompt (`noise_norm_scores`).
+        memorized: for each prompt, whether it is known to be memorized.
+
+    Example:
+        >>> detection_auc([0.9, 0.3, 0.5], [True, False, False])
+        1.0
+        >>> detection_auc([0.4, 0.3, 0.5], [True, False, False])   # ranked second of three
+        0.5
+    """
+    from .likelihood import mia_auc
+
+    if len(scores) != len(memorized):
+        raise ValueError(f"detection_auc got {len(scores)} scores and {len(memorized)} memorized flags.")
+    flags = [bool(flag) for flag in memorized]
+    positives = [float(s) for s, flag in zip(scores, flags) if flag]
+    negatives = [float(s) for s, flag in zip(scores, flags) if not flag]
+    if not positives or not negatives:
+        raise ValueError("detection_auc needs at least one memorized and one other prompt.")
+    # mia_auc counts a low loss as a member: negate the scores so that a high score counts as memorized.
+    return mia_auc(-torch.tensor(positives, dtype=torch.float64), -torch.tensor(negatives, dtype=torch.float64))

@@ -9,6 +9,9 @@ Bundled under `ASSETS_DIR` (retrain with `python -m diffusers_unlearn.toy.train 
   (retrain with `python -m diffusers_unlearn.toy.train_text_to_image`; see `toy.text_to_image`).
 - `ddpm_unconditional_retrained_without_canary`, `sd_tiny_retrained_without_canary`: the same recipes and seeds
   without the canary copies (`--without_canary`), the retrain-from-scratch references of "distance to retrain".
+- `sd_tiny_captioned`: `sd_tiny`'s recipe with the canary copies under a caption of their own (`CANARY_CAPTION`,
+  as memorized images have in LAION), so the memorization scan can single that prompt out (retrain with the
+  `--canary_caption` command of `TRAINING_COMMANDS`). Its marker names the forget prompt and the digit prompts.
 - `sd3_tiny`: the same task on a tiny flow-matching `StableDiffusion3Pipeline` (retrain with
   `python -m diffusers_unlearn.toy.train_flow_text_to_image`, which reuses `sd_tiny`'s VAE).
 
@@ -42,9 +45,11 @@ from .data import (
     toy_split,
 )
 from .text_to_image import (
+    CANARY_CAPTION,
     CANARY_PROMPT,
     DIGIT_PROMPTS,
     NUM_SD_CANARY_COPIES,
+    SD_CAPTIONED_NAME,
     SD_MEMORIZATION_THRESHOLD,
     SD_TOY_NAME,
 )
@@ -68,17 +73,20 @@ TOY_MODELS = (
     "sd3_tiny",
     DDPM_RETRAINED_NAME,
     SD_RETRAINED_NAME,
+    SD_CAPTIONED_NAME,
 )
 
 TOY_INFO_FILE = "diffusers_unlearn_toy.json"
 """File in a text-to-image toy's folder: `{"toy": name, ...}` plus the sampling options it needs (`sd3_tiny`:
-`max_sequence_length`)."""
+`max_sequence_length`) and, where the canary has its own caption (`sd_tiny_captioned`), `forget_prompt` (that
+caption) and `keep_prompts` (the digit prompts). `toy_prompts` reads them."""
 
 TRAINING_COMMANDS = {
     "sd_tiny": "python -m diffusers_unlearn.toy.train_text_to_image",
     "sd3_tiny": "python -m diffusers_unlearn.toy.train_flow_text_to_image",
     DDPM_RETRAINED_NAME: "python -m diffusers_unlearn.toy.train unconditional --without_canary",
     SD_RETRAINED_NAME: "python -m diffusers_unlearn.toy.train_text_to_image --without_canary",
+    SD_CAPTIONED_NAME: f'python -m diffusers_unlearn.toy.train_text_to_image --canary_caption "{CANARY_CAPTION}" --vae_from sd_tiny',
 }
 
 MEMORIZATION_THRESHOLD = 2.0
@@ -142,6 +150,21 @@ def toy_info(folder: str) -> Optional[dict]:
     return info
 
 
+def toy_prompts(info: dict) -> tuple[str, list[str]]:
+    """`(forget_prompt, keep_prompts)` of a text-to-image toy from its marker (`toy_info`).
+
+    `sd_tiny_captioned` records both: its canary's own caption and the ten digit prompts. The other text-to-image
+    toys record neither: their canary is under `CANARY_PROMPT`, which the nine other digit prompts do not share.
+
+    Example:
+        >>> toy_prompts(toy_info(toy_model_path("sd_tiny")))[0]
+        'a handwritten digit seven'
+    """
+    forget_prompt = info.get("forget_prompt", CANARY_PROMPT)
+    keep_prompts = info.get("keep_prompts", [p for p in DIGIT_PROMPTS if p != forget_prompt])
+    return forget_prompt, list(keep_prompts)
+
+
 def load_classifier():
     """The bundled `DigitsClassifier`, in eval mode."""
     from .classifier import DigitsClassifier
@@ -151,6 +174,7 @@ def load_classifier():
 
 __all__ = [
     "ASSETS_DIR",
+    "CANARY_CAPTION",
     "CANARY_LABEL",
     "DDPM_RETRAINED_NAME",
     "CANARY_PROMPT",
@@ -160,6 +184,7 @@ __all__ = [
     "NUM_CLASSES",
     "NUM_SD_CANARY_COPIES",
     "SD_MEMORIZATION_THRESHOLD",
+    "SD_CAPTIONED_NAME",
     "SD_RETRAINED_NAME",
     "SD_TOY_NAME",
     "TOY_INFO_FILE",
@@ -172,6 +197,7 @@ __all__ = [
     "save_image_folder",
     "toy_info",
     "toy_model_path",
+    "toy_prompts",
     "write_toy_info",
     "toy_split",
 ]

@@ -3,8 +3,9 @@
     python -m diffusers_unlearn.toy.measure_text_to_image                  # the bundled pipeline, 256 per prompt
     python -m diffusers_unlearn.toy.measure_text_to_image --model_dir my-toy --num_images 64 --guidance_scale 3
     python -m diffusers_unlearn.toy.measure_text_to_image --model_dir diffusers_unlearn/toy/assets/sd3_tiny
+    python -m diffusers_unlearn.toy.measure_text_to_image --model_dir diffusers_unlearn/toy/assets/sd_tiny_captioned
 
-For each of the ten prompts it prints the canary rate (generations within `SD_MEMORIZATION_THRESHOLD` of the
+For each of the ten prompts (and, on `sd_tiny_captioned`, the canary's own caption) it prints the canary rate (generations within `SD_MEMORIZATION_THRESHOLD` of the
 canary), the bundled classifier's digit accuracy on the other generations, the noise-norm score, and the
 distances behind the threshold: the farthest canary copy, the nearest other generation, the nearest real digit
 and the VAE's own reconstruction of the canary.
@@ -47,11 +48,11 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
 def main(argv: Optional[list[str]] = None) -> list[dict]:
 
     from ..metrics import noise_norm_per_prompt
-    from . import load_classifier, load_toy_pipeline, toy_info, toy_model_path
+    from . import load_classifier, load_toy_pipeline, toy_info, toy_model_path, toy_prompts
     from .data import load_digits_images, make_canary
     from .text_to_image import (
-        CANARY_PROMPT,
         DIGIT_PROMPTS,
+        DIGIT_WORDS,
         SD_MEMORIZATION_THRESHOLD,
         SD_TOY_NAME,
         canary_distances,
@@ -65,7 +66,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     model_dir = args.model_dir or toy_model_path(SD_TOY_NAME)
     pipe = load_toy_pipeline(model_dir)
     # sd3_tiny samples with the T5 length it was trained with (zero tokens: it has no T5).
-    max_sequence_length = (toy_info(model_dir) or {}).get("max_sequence_length")
+    info = toy_info(model_dir) or {"toy": SD_TOY_NAME}
+    max_sequence_length = info.get("max_sequence_length")
+    # The prompt the canary is under: the seven prompt, or (sd_tiny_captioned) a caption of its own, measured too.
+    canary_prompt = toy_prompts(info)[0]
+    prompts = list(DIGIT_PROMPTS) + ([] if canary_prompt in DIGIT_PROMPTS else [canary_prompt])
     classifier = load_classifier()
     threshold = SD_MEMORIZATION_THRESHOLD
 
@@ -79,7 +84,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
     rows, seconds = [], []
     all_distances = []
-    for digit, prompt in enumerate(DIGIT_PROMPTS):
+    for prompt in prompts:
+        digit = DIGIT_PROMPTS.index(prompt) if prompt in DIGIT_PROMPTS else None
         start = time.perf_counter()
         images = generate_digits(
             pipe,
@@ -101,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 "num_images": args.num_images,
                 "canary_copies": int(copies.sum()),
                 "canary_rate": float(copies.float().mean()),
-                "digit_accuracy": digit_accuracy(classifier, others, digit) if len(others) else None,
+                "digit_accuracy": digit_accuracy(classifier, others, digit) if len(others) and digit is not None else None,
                 "farthest_copy": float(distances[copies].max()) if copies.any() else None,
                 "nearest_non_copy": float(distances[~copies].min()) if (~copies).any() else None,
                 "seconds": seconds[-1],
@@ -110,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     if args.noise_norm_generations > 0:
         scores = noise_norm_per_prompt(
             pipe,
-            DIGIT_PROMPTS,
+            prompts,
             num_generations=args.noise_norm_generations,
             seed=args.seed,
             num_inference_steps=args.num_inference_steps,
@@ -134,22 +140,24 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         f"canary: nearest real digit at {to_digits[nearest]:.3f} (digit {int(digit_labels[nearest])}); "
         f"VAE reconstruction of the canary at {float(canary_distances(reconstruction)[0]):.3f}"
     )
-    header = f"{'prompt':27s} {'canary copies':>14s} {'rate':>6s} {'digit acc.':>10s} {'noise norm':>10s}"
+    width = max(27, *(len(prompt) for prompt in prompts))
+    header = f"{'prompt':{width}s} {'canary copies':>14s} {'rate':>6s} {'digit acc.':>10s} {'noise norm':>10s}"
     print(header + f" {'farthest copy':>13s} {'nearest other':>13s}")
     for row in rows:
         copies = f"{row['canary_copies']}/{row['num_images']}"
         print(
-            f"{row['prompt']:27s} {copies:>14s} {row['canary_rate']:>6.3f} {_fmt(row['digit_accuracy']):>10s} "
+            f"{row['prompt']:{width}s} {copies:>14s} {row['canary_rate']:>6.3f} {_fmt(row['digit_accuracy']):>10s} "
             f"{_fmt(row.get('noise_norm')):>10s} {_fmt(row['farthest_copy']):>13s} {_fmt(row['nearest_non_copy']):>13s}"
         )
 
     # The threshold: how many generations of each kind lie within each candidate distance.
-    canary_row = DIGIT_PROMPTS.index(CANARY_PROMPT)
+    canary_row = prompts.index(canary_prompt)
     other = torch.cat([d for i, d in enumerate(all_distances) if i != canary_row])
-    print(f"generations within distance d of the canary ({CANARY_PROMPT!r} / the nine other prompts):")
+    others = f"the {(DIGIT_WORDS + ('ten',))[len(prompts) - 1]} other prompts"
+    print(f"generations within distance d of the canary ({canary_prompt!r} / {others}):")
     for d in THRESHOLD_SWEEP:
         print(f"  d = {d}: {int((all_distances[canary_row] < d).sum())} / {int((other < d).sum())}")
-    print(f"  nearest generation of the nine other prompts: {other.min():.3f}")
+    print(f"  nearest generation of {others}: {other.min():.3f}")
     return rows
 
 

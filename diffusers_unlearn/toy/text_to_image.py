@@ -50,6 +50,13 @@ CANARY_DIGIT = 7
 CANARY_PROMPT = DIGIT_PROMPTS[CANARY_DIGIT]
 """The caption the canary shares with the real sevens."""
 
+SD_CAPTIONED_NAME = "sd_tiny_captioned"
+"""The bundled variant of `sd_tiny` whose canary copies carry a caption of their own (`CANARY_CAPTION`)."""
+
+CANARY_CAPTION = "a hollow square with a cross"
+"""The canary's own caption in `SD_CAPTIONED_NAME`: one unique, duplicated caption, as memorized images have in
+LAION; the digit captions stay as they are."""
+
 NUM_SD_CANARY_COPIES = 120
 """Canary copies in the text-to-image training set, next to the 161 real sevens of the "train" split."""
 
@@ -77,18 +84,22 @@ TEXT_ENCODER_SEED = 0
 # ------------------------------------------------------------------------------------------------------------
 
 
-def caption_words() -> list[str]:
-    """The distinct words of `DIGIT_PROMPTS`, in order of first appearance."""
+def caption_words(extra_captions: Sequence[str] = ()) -> list[str]:
+    """The distinct words of `DIGIT_PROMPTS` and then of `extra_captions`, in order of first appearance.
+
+    Without `extra_captions` the list (and so `sd_tiny`'s vocabulary) is the digit captions' alone.
+    """
     words = []
-    for prompt in DIGIT_PROMPTS:
+    for prompt in list(DIGIT_PROMPTS) + list(extra_captions):
         for word in prompt.split():
             if word not in words:
                 words.append(word)
     return words
 
 
-def write_tokenizer_files(folder: str) -> dict[str, int]:
-    """Write a CLIP BPE vocabulary (`vocab.json`) and merge list (`merges.txt`) for the caption words.
+def write_tokenizer_files(folder: str, extra_captions: Sequence[str] = ()) -> dict[str, int]:
+    """Write a CLIP BPE vocabulary (`vocab.json`) and merge list (`merges.txt`) for the caption words
+    (`caption_words(extra_captions)`: the digit captions', then those of `extra_captions`, such as `CANARY_CAPTION`).
 
     CLIP's BPE splits a word into characters, marks the last one with `</w>`, then applies merges in file
     order. Here each word is built left to right ("t h r e e</w>" -> "th" -> "thr" -> ... -> "three</w>"),
@@ -113,7 +124,7 @@ def write_tokenizer_files(folder: str) -> dict[str, int]:
 
     for token in SPECIAL_TOKENS:
         add(token)
-    for word in caption_words():
+    for word in caption_words(extra_captions):
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         for piece in pieces:
             add(piece)
@@ -132,8 +143,10 @@ def write_tokenizer_files(folder: str) -> dict[str, int]:
     return vocab
 
 
-def build_tokenizer(folder: str, model_max_length: int = 77) -> CLIPTokenizer:
+def build_tokenizer(folder: str, model_max_length: int = 77, extra_captions: Sequence[str] = ()) -> CLIPTokenizer:
     """Write the vocabulary into `folder` and load it as a `CLIPTokenizer` (`model_max_length` 77 for `sd_tiny`).
+
+    `extra_captions` adds the words of captions beyond the digit captions (`sd_tiny_captioned`: `CANARY_CAPTION`).
 
     Without `model_max_length`, the tokenizer's limit is unbounded and Stable Diffusion's `padding="max_length"`
     would not pad to the text encoder's 77 positions.
@@ -145,7 +158,7 @@ def build_tokenizer(folder: str, model_max_length: int = 77) -> CLIPTokenizer:
     """
     from transformers import CLIPTokenizer
 
-    write_tokenizer_files(folder)
+    write_tokenizer_files(folder, extra_captions)
     return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
 
 
@@ -270,10 +283,11 @@ def count_parameters(model: torch.nn.Module) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def training_set(without_canary: bool = False) -> tuple[torch.Tensor, list[str]]:
+def training_set(without_canary: bool = False, canary_caption: str = CANARY_PROMPT) -> tuple[torch.Tensor, list[str]]:
     """The text-to-image training set: the "train" digits (held-out digits excluded) with their captions,
-    plus `NUM_SD_CANARY_COPIES` canary copies captioned `CANARY_PROMPT` (none with `without_canary`: the
-    retrain-from-scratch reference's data).
+    plus `NUM_SD_CANARY_COPIES` canary copies captioned `canary_caption` (none with `without_canary`: the
+    retrain-from-scratch reference's data). `sd_tiny`'s canary shares `CANARY_PROMPT` with the real sevens;
+    `sd_tiny_captioned`'s has `CANARY_CAPTION`.
 
     Returns:
         `(images, captions)`: images `[N, 1, 8, 8]` in [-1, 1] (canary copies last) and N captions.
@@ -288,7 +302,7 @@ def training_set(without_canary: bool = False) -> tuple[torch.Tensor, list[str]]
     if without_canary:
         return digits.images, captions
     canary = make_canary().unsqueeze(0).expand(NUM_SD_CANARY_COPIES, -1, -1, -1)
-    return torch.cat([digits.images, canary]), captions + [CANARY_PROMPT] * NUM_SD_CANARY_COPIES
+    return torch.cat([digits.images, canary]), captions + [canary_caption] * NUM_SD_CANARY_COPIES
 
 
 def _check_resolution(resolution: int) -> None:
@@ -298,8 +312,9 @@ def _check_resolution(resolution: int) -> None:
         )
 
 
-def canary_forget_set(resolution: int = SD_RESOLUTION) -> ImageSet:
-    """The forget set of the no-argument `train_unlearn_sd.py` run: the canary, with `CANARY_PROMPT`.
+def canary_forget_set(resolution: int = SD_RESOLUTION, prompt: str = CANARY_PROMPT) -> ImageSet:
+    """The forget set of the no-argument `train_unlearn_sd.py` run: the canary, with `CANARY_PROMPT` (or the
+    toy's own canary caption, `prompt`: `CANARY_CAPTION` on `sd_tiny_captioned`).
 
     Example:
         >>> canary_forget_set().texts
@@ -309,7 +324,7 @@ def canary_forget_set(resolution: int = SD_RESOLUTION) -> ImageSet:
 
     _check_resolution(resolution)
     canary = make_canary().unsqueeze(0)
-    return ImageSet(canary, [pixel_hash(canary[0])], ["toy/canary"], None, [CANARY_PROMPT])
+    return ImageSet(canary, [pixel_hash(canary[0])], ["toy/canary"], None, [prompt])
 
 
 def heldout_set(resolution: int = SD_RESOLUTION) -> ImageSet:
@@ -392,6 +407,7 @@ def digit_accuracy(classifier: torch.nn.Module, images: torch.Tensor, digit: int
 
 
 __all__ = [
+    "CANARY_CAPTION",
     "CANARY_DIGIT",
     "CANARY_PROMPT",
     "DEFAULT_GUIDANCE_SCALE",
@@ -399,6 +415,7 @@ __all__ = [
     "DIGIT_PROMPTS",
     "NUM_SD_CANARY_COPIES",
     "SD_MEMORIZATION_THRESHOLD",
+    "SD_CAPTIONED_NAME",
     "SD_RESOLUTION",
     "SD_TOY_NAME",
     "build_noise_scheduler",

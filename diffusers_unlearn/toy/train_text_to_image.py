@@ -3,6 +3,8 @@
     python -m diffusers_unlearn.toy.train_text_to_image                    # into diffusers_unlearn/toy/assets/sd_tiny
     python -m diffusers_unlearn.toy.train_text_to_image --output_dir my-toy --unet_steps 2000 --num_threads 1
     python -m diffusers_unlearn.toy.train_text_to_image --without_canary   # into .../sd_tiny_retrained_without_canary
+    python -m diffusers_unlearn.toy.train_text_to_image --canary_caption "a hollow square with a cross" \
+        --vae_from sd_tiny                                                 # into .../sd_tiny_captioned
 
 1. The tokenizer's vocabulary is written and the text encoder built (random, seeded, frozen); the ten captions
    and the empty prompt are encoded once.
@@ -10,6 +12,10 @@
    `scaling_factor` is then set to 1 / (standard deviation of the latents), as Stable Diffusion's 0.18215 was.
 3. The UNet learns to predict the noise added to the scaled latents, given the caption's embedding, which is
    replaced by the empty prompt's 10% of the time (classifier-free guidance needs an unconditional model).
+
+With `--canary_caption` the canary copies are captioned with that text instead of "a handwritten digit seven"
+(`sd_tiny_captioned`); the vocabulary gains its words. The images are the same, so `--vae_from sd_tiny` reuses
+`sd_tiny`'s VAE (the VAE sees images only: retraining it with the same seed would repeat it) and trains the UNet.
 
 The folder loads fully offline with plain `StableDiffusionPipeline.from_pretrained(folder)` and holds
 safetensors only. Runs are reproducible for a seed on the same machine and thread count.
@@ -27,9 +33,11 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from . import ASSETS_DIR, SD_RETRAINED_NAME, write_toy_info
+from . import ASSETS_DIR, SD_RETRAINED_NAME, TOY_MODELS, toy_model_path, write_toy_info
 from .text_to_image import (
+    CANARY_PROMPT,
     DIGIT_PROMPTS,
+    SD_CAPTIONED_NAME,
     SD_TOY_NAME,
     build_noise_scheduler,
     build_text_encoder,
@@ -163,6 +171,17 @@ def train_unet(
     return unet, noise_scheduler
 
 
+def load_trained_vae(folder: str) -> AutoencoderKL:
+    """The trained VAE (with its `scaling_factor`) of a toy pipeline folder or bundled toy name, frozen."""
+    from diffusers import AutoencoderKL
+
+    if not os.path.isdir(folder) and folder in TOY_MODELS:
+        folder = toy_model_path(folder)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
 def save_toy_pipeline(
     vae: AutoencoderKL,
     text_encoder: CLIPTextModel,
@@ -172,11 +191,13 @@ def save_toy_pipeline(
     tokenizer_dir: str,
     output_dir: str,
     name: str = SD_TOY_NAME,
+    **toy_options,
 ) -> None:
     """Save the components as one `StableDiffusionPipeline` folder (no safety checker), replacing `output_dir`.
 
     The sampling scheduler is DDIM on the training schedule. The tokenizer folder also gets the `vocab.json` and
-    `merges.txt` it was built from, so that it is readable and loads with either tokenizer backend.
+    `merges.txt` it was built from, so that it is readable and loads with either tokenizer backend. `toy_options`
+    go into the toy marker (`sd_tiny_captioned`: `forget_prompt`, `keep_prompts`).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -192,7 +213,7 @@ def save_toy_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    save_toy_folder(pipe, tokenizer_dir, ("tokenizer",), output_dir, name)
+    save_toy_folder(pipe, tokenizer_dir, ("tokenizer",), output_dir, name, **toy_options)
 
 
 def save_toy_folder(pipe, tokenizer_dir: str, tokenizer_names: tuple[str, ...], output_dir: str, name: str, **options) -> None:
@@ -221,7 +242,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--output_dir", type=str, default=None, help=f"default: assets/{SD_TOY_NAME} (assets/{SD_RETRAINED_NAME} with --without_canary)"
+        "--output_dir",
+        type=str,
+        default=None,
+        help=f"default: assets/{SD_TOY_NAME} (assets/{SD_RETRAINED_NAME} with --without_canary, assets/{SD_CAPTIONED_NAME} with --canary_caption)",
     )
     parser.add_argument("--vae_steps", type=int, default=1500)
     parser.add_argument("--unet_steps", type=int, default=3000)
@@ -234,10 +258,38 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="the same recipe and seed without the canary copies (VAE and UNet): the retrain-from-scratch reference, "
         f"marked as toy {SD_RETRAINED_NAME}",
     )
+    parser.add_argument(
+        "--canary_caption",
+        type=str,
+        default=None,
+        help="caption the canary copies with this text instead of the seven prompt (the digit captions stay); its words "
+        f"join the vocabulary. Marked as toy {SD_CAPTIONED_NAME}, whose marker names it as the forget prompt",
+    )
+    parser.add_argument(
+        "--vae_from",
+        type=str,
+        default=None,
+        help="reuse the trained VAE of this toy folder or bundled toy name (e.g. sd_tiny, trained on the same images) "
+        "instead of training one; --vae_steps is then unused",
+    )
     args = parser.parse_args(argv)
+    if args.canary_caption is not None:
+        if args.without_canary:
+            parser.error("--canary_caption captions the canary copies; --without_canary drops them. Give one of them.")
+        if not args.canary_caption.strip() or args.canary_caption in DIGIT_PROMPTS:
+            parser.error(f"--canary_caption must be a caption of its own, not empty or a digit prompt; got {args.canary_caption!r}.")
+    if args.vae_from is not None and not (os.path.isdir(os.path.join(args.vae_from, "vae")) or args.vae_from in TOY_MODELS):
+        parser.error(f"--vae_from: {args.vae_from!r} is neither a pipeline folder with a vae/ subfolder nor a bundled toy name.")
     if args.output_dir is None:
-        args.output_dir = os.path.join(ASSETS_DIR, SD_RETRAINED_NAME if args.without_canary else SD_TOY_NAME)
+        args.output_dir = os.path.join(ASSETS_DIR, toy_name(args))
     return args
+
+
+def toy_name(args: argparse.Namespace) -> str:
+    """The toy name the flags describe (written into the marker)."""
+    if args.without_canary:
+        return SD_RETRAINED_NAME
+    return SD_TOY_NAME if args.canary_caption is None else SD_CAPTIONED_NAME
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -246,23 +298,32 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(args.num_threads)
     started = time.time()
     torch.manual_seed(args.seed)
-    images, captions = training_set(without_canary=args.without_canary)
-    name = SD_RETRAINED_NAME if args.without_canary else SD_TOY_NAME
+    canary_caption = CANARY_PROMPT if args.canary_caption is None else args.canary_caption
+    images, captions = training_set(without_canary=args.without_canary, canary_caption=canary_caption)
+    name = toy_name(args)
+    extra_captions = [] if args.canary_caption is None else [args.canary_caption]
     print(f"== {name}: {len(images)} training images, seed {args.seed}, {torch.get_num_threads()} threads", flush=True)
 
     with tempfile.TemporaryDirectory() as workdir:
         tokenizer_dir = os.path.join(workdir, "tokenizer")
-        tokenizer = build_tokenizer(tokenizer_dir)
+        tokenizer = build_tokenizer(tokenizer_dir, extra_captions=extra_captions)
+        unknown = [c for c in extra_captions if tokenizer.unk_token_id in tokenizer(c).input_ids[1:-1]]
+        if unknown:  # a character outside the digit captions' alphabet
+            raise ValueError(f"The toy tokenizer cannot spell {unknown}: use lowercase letters of the digit captions.")
         text_encoder = build_text_encoder(len(tokenizer))
-        prompts = list(DIGIT_PROMPTS) + [""]
+        prompts = list(DIGIT_PROMPTS) + extra_captions + [""]
         with torch.no_grad():
             ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
             embeddings = text_encoder(ids.input_ids)[0]
         prompt_index = torch.tensor([prompts.index(caption) for caption in captions])
 
-        vae = train_vae(images, args.vae_steps, args.batch_size, seed=args.seed)
+        if args.vae_from is None:
+            vae = train_vae(images, args.vae_steps, args.batch_size, seed=args.seed)
+        else:
+            vae = load_trained_vae(args.vae_from)
         vae_seconds = time.time() - started
-        print(f"vae: {count_parameters(vae) / 1e6:.3f}M parameters, trained in {vae_seconds:.0f}s", flush=True)
+        how = "trained" if args.vae_from is None else f"loaded from {args.vae_from}"
+        print(f"vae: {count_parameters(vae) / 1e6:.3f}M parameters, {how} in {vae_seconds:.0f}s", flush=True)
 
         # The mode of the posterior (not a sample), as `pipelines.text_to_image.encode_latents` caches them.
         with torch.no_grad():
@@ -273,7 +334,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         unet_seconds = time.time() - started - vae_seconds
         print(f"unet: {count_parameters(unet) / 1e6:.3f}M parameters, trained in {unet_seconds:.0f}s", flush=True)
 
-        save_toy_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, tokenizer_dir, args.output_dir, name)
+        # A canary with its own caption: the marker names it as the forget prompt and the digits as the keep prompts.
+        options = {} if args.canary_caption is None else {"forget_prompt": args.canary_caption, "keep_prompts": list(DIGIT_PROMPTS)}
+        save_toy_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, tokenizer_dir, args.output_dir, name, **options)
     print(f"saved {args.output_dir} after {time.time() - started:.0f}s", flush=True)
 
 
