@@ -8,6 +8,12 @@ the bundled class-conditional model. Prints two tables, writes a quality-vs-forg
     python benchmarks/compare_methods.py --output_dir compare-out
     python benchmarks/compare_methods.py --methods siss naive_deletion --max_train_steps 100
 
+With --forget_classes, class unlearning runs once per listed digit (reports in <output_dir>/class/<digit>/<method>)
+and prints one table of every digit and method, with a count per method of the digits that meet the class target
+(PUL >= 90 and keep-class FD at most 15% above the base model's):
+
+    python benchmarks/compare_methods.py --skip_data --methods siss erasediff --forget_classes 0 1 2 3 4 5 6 7 8 9
+
 The data-unlearning table also measures each method against the gold standard, the toy DDPM retrained without
 the canary (`retrain` row; columns FD→retrain, loss gap, AUC vs retrain; docs/metrics.md, "Distance to retrain").
 
@@ -49,6 +55,9 @@ CLASS_METHODS = [
     ("vdu", ["--method", "vdu"]),
     ("siss", ["--method", "siss"]),
 ]
+# The class-unlearning target: the forgotten class gone (PUL) while the other classes keep their quality.
+CLASS_TARGET_PUL = 90.0
+CLASS_TARGET_FD_RATIO = 1.15  # keep-class FD after / before; lower FD is better, so only a rise counts against it
 TEXT_TO_IMAGE_METHODS = [
     ("naive_deletion", ["--method", "naive_deletion"]),
     ("neggrad", ["--method", "neggrad"]),
@@ -64,17 +73,24 @@ def parse_args():
     parser.add_argument("--num_eval_samples", type=int, default=2048)
     parser.add_argument("--validation_steps", type=int, default=25)
     parser.add_argument("--num_validation_images", type=int, default=512)
-    parser.add_argument("--forget_class", type=int, default=1)
+    parser.add_argument("--forget_class", type=int, default=1, help="class unlearning: the digit to forget")
+    parser.add_argument("--forget_classes", type=int, nargs="+", default=None, metavar="DIGIT",
+                        help="class unlearning for each of these digits instead of --forget_class (reports in "
+                             "<output_dir>/class/<digit>/<method>); one table of every digit and method, and per "
+                             f"method the number of digits with PUL >= {CLASS_TARGET_PUL:g} and keep-class FD/base <= "
+                             f"{CLASS_TARGET_FD_RATIO:g}")
     parser.add_argument("--methods", nargs="*", default=None, help="labels to run (default: all)")
     parser.add_argument("--skip_class", action="store_true", help="skip the class-unlearning part")
     parser.add_argument("--skip_data", action="store_true", help="skip the data-unlearning part")
     parser.add_argument("--stop_at_heldout_level", action="store_true",
-                        help="data unlearning: each method with train_unlearn_ddpm.py's calibrated stopping rule (stops "
-                             "when the canary's loss reaches the held-out digits' level, checked every --validation_steps); "
-                             "prints the step each run stopped at")
+                        help="each method with train_unlearn_ddpm.py's calibrated stopping rule (stops when the forget "
+                             "items' loss reaches the held-out digits' level, checked every --validation_steps); prints "
+                             "the step each data-unlearning run stopped at (digit-by-digit class table: the 'steps' column)")
     parser.add_argument("--heldout_level_margin", type=float, default=None, help="with --stop_at_heldout_level (default: the script's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reuse", action="store_true", help="keep the reports already in --output_dir instead of rerunning them")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the reports already in --output_dir (those of the same method, forget class, seed, "
+                             "steps and sample count) instead of rerunning them, so an interrupted sweep continues")
     parser.add_argument("--retrained_model_name_or_path", default=None,
                         help="data unlearning: the DDPM retrained without the canary (default: the bundled "
                              "ddpm_unconditional_retrained_without_canary)")
@@ -82,17 +98,43 @@ def parse_args():
     parser.add_argument("--text_to_image_toy", choices=["sd_tiny", "sd3_tiny"], default=None,
                         help="compare naive deletion, NegGrad, EraseDiff and SISS through train_unlearn_sd.py on this toy "
                              "(the script's toy defaults; --max_train_steps and the evaluation sizes are not applied)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    # Checked here, before any training: a typo must not surface after hours of runs.
+    for digit in args.forget_classes or [args.forget_class]:
+        if not 0 <= digit <= 9:
+            parser.error(f"the class-conditional toy has digits 0-9; got class {digit}.")
+    if args.forget_classes and len(set(args.forget_classes)) != len(args.forget_classes):
+        parser.error(f"--forget_classes lists a digit twice: {args.forget_classes}.")
+    return args
 
 
 def run(flags: list[str], reuse: bool = False, script=train_unlearn_ddpm) -> dict:
     # A rerun replaces an earlier result in the same folder (unless --reuse keeps it).
     args = script.parse_args([*flags, "--overwrite_output_dir"])
     path = os.path.join(args.output_dir, "unlearning_report.json")
-    if not (reuse and os.path.exists(path)):
+    report = None
+    if reuse and os.path.exists(path):
+        with open(path) as f:
+            report = json.load(f)
+        if not same_settings(report, args):  # a report of other settings would silently mix into the table
+            print(f"--reuse: {path} was made with other settings; running again.")
+            report = None
+    if report is None:
         script.main(args)
-    with open(path) as f:
-        return json.load(f)
+        with open(path) as f:
+            report = json.load(f)
+    return report
+
+
+def same_settings(report: dict, args) -> bool:
+    """Whether a stored report was made with the settings `args` asks for (those the tables depend on)."""
+    keys = [key for key in ("method", "seed", "max_train_steps", "num_eval_samples", "forget_class") if key in report and hasattr(args, key)]
+    if getattr(args, "stop_at_heldout_level", False):  # the rule and its margin
+        if (report.get("stopping") or {}).get("margin") != args.heldout_level_margin:
+            return False
+    elif report.get("stopping") is not None:
+        return False
+    return all(report[key] == getattr(args, key) for key in keys)
 
 
 def compare_text_to_image(args) -> None:
@@ -160,6 +202,60 @@ def data_table(reports: dict) -> list[str]:
     return lines
 
 
+def class_sweep_table(sweep: dict[int, dict[str, dict]]) -> list[str]:
+    """The digit-by-digit class-unlearning table's lines: for each digit and method, the forget-class rate before
+    and after, PUL, the keep-class FD before and after, FD/base and whether the class target is met; then, per
+    method, how many of the digits met it.
+
+    Args:
+        sweep: the reports of train_unlearn_ddpm.py, `{digit: {method label: report}}`.
+    """
+    header = ("digit", "method", "rate before", "rate after", "PUL", "keep FD before", "keep FD after", "FD/base",
+              "first 0", "steps", "wall s", "target")
+    widths = (5, 14, 11, 10, 6, 14, 13, 7, 7, 5, 6, 6)
+    lines = [" ".join(f"{h:<{w}s}" if i < 2 else f"{h:>{w}s}" for i, (h, w) in enumerate(zip(header, widths)))]
+    for digit, reports in sweep.items():
+        for label, report in reports.items():
+            before, after = report["metrics"]["before"], report["metrics"]["after"]
+            cells = (str(digit), label, fmt(before["forget_class_rate"]), fmt(after["forget_class_rate"]),
+                     fmt(after.get("pul"), 1), fmt(before["fd"], 3), fmt(after["fd"], 3), f"{fd_ratio(report):.2f}",
+                     fmt(first_zero_step(report, "forget_class_rate")), str(trained_steps(report)),
+                     f"{report['wall_seconds']:.0f}", "yes" if meets_class_target(report) else "no")
+            lines.append(" ".join(f"{c:<{w}s}" if i < 2 else f"{c:>{w}s}" for i, (c, w) in enumerate(zip(cells, widths))))
+    lines.append(f"Digits meeting the target (PUL >= {CLASS_TARGET_PUL:g} and keep FD/base <= {CLASS_TARGET_FD_RATIO:g}):")
+    for label, (met, missed) in class_target_counts(sweep).items():
+        note = f" (missed: {' '.join(str(d) for d in missed)})" if missed else ""
+        lines.append(f"{label:14s} {len(met)}/{len(met) + len(missed)}{note}")
+    return lines
+
+
+def fd_ratio(report: dict) -> float:
+    """Keep FD after unlearning over the base model's (same seeds)."""
+    return report["metrics"]["after"]["fd"] / report["metrics"]["before"]["fd"]
+
+
+def meets_class_target(report: dict, min_pul: float = CLASS_TARGET_PUL, max_fd_ratio: float = CLASS_TARGET_FD_RATIO) -> bool:
+    """Whether a class-unlearning run reached PUL >= `min_pul` with keep-class FD/base <= `max_fd_ratio` (a lower
+    FD than the base's is better quality, so it meets the target)."""
+    pul = report["metrics"]["after"].get("pul")
+    return pul is not None and pul >= min_pul and fd_ratio(report) <= max_fd_ratio
+
+
+def class_target_counts(sweep: dict[int, dict[str, dict]]) -> dict[str, tuple[list[int], list[int]]]:
+    """Per method label, the digits whose run met the class target and those whose run missed it."""
+    counts: dict[str, tuple[list[int], list[int]]] = {}
+    for digit, reports in sweep.items():
+        for label, report in reports.items():
+            met, missed = counts.setdefault(label, ([], []))
+            (met if meets_class_target(report) else missed).append(digit)
+    return counts
+
+
+def trained_steps(report: dict) -> int:
+    """The optimizer steps a run took: where --stop_at_heldout_level stopped it, else --max_train_steps."""
+    return (report.get("stopping") or {}).get("stopped_at_step") or report["max_train_steps"]
+
+
 def first_zero_step(report: dict, key: str):
     """The first validation step at which `key` reached 0 (None if it never did)."""
     for row in report.get("validation", []):
@@ -205,7 +301,7 @@ def main():
     ]
     if args.stop_at_heldout_level:
         common += ["--stop_at_heldout_level"] + (["--heldout_level_margin", str(args.heldout_level_margin)] if args.heldout_level_margin is not None else [])
-    results = {"data": {}, "class": {}}
+    results = {"data": {}, "class": {}, "class_sweep": {}}
 
     if not args.skip_data:
         retrain_flags = []
@@ -223,16 +319,25 @@ def main():
     if not args.skip_class:
         from diffusers_unlearn.toy import toy_model_path
 
-        for label, flags in CLASS_METHODS:
-            if args.methods and label not in args.methods:
-                continue
-            out = os.path.join(args.output_dir, "class", label)
-            results["class"][label] = run([
+        def run_class(label: str, flags: list[str], digit: int, out: str) -> dict:
+            return run([
                 *flags, *common, "--output_dir", out,
                 "--pretrained_model_name_or_path", toy_model_path("ddpm_class_conditional"),
-                "--forget_dataset_name", "toy-digits", "--forget_class", str(args.forget_class),
+                "--forget_dataset_name", "toy-digits", "--forget_class", str(digit),
                 "--keep_dataset_name", "toy-digits",
             ], args.reuse)
+
+        methods = [(label, flags) for label, flags in CLASS_METHODS if not args.methods or label in args.methods]
+        if args.forget_classes:
+            # Digit by digit, so an interrupted sweep (rerun with --reuse) has whole digits behind it.
+            for digit in args.forget_classes:
+                results["class_sweep"][digit] = {
+                    label: run_class(label, flags, digit, os.path.join(args.output_dir, "class", str(digit), label))
+                    for label, flags in methods
+                }
+        else:
+            for label, flags in methods:
+                results["class"][label] = run_class(label, flags, args.forget_class, os.path.join(args.output_dir, "class", label))
 
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -253,6 +358,9 @@ def main():
                 f"{fmt(first_zero_step(report, 'forget_class_rate')):>8s} {fmt(stays_zero_step(report, 'forget_class_rate')):>7s} "
                 f"{report['wall_seconds']:7.0f}"
             )
+    if any(results["class_sweep"].values()):
+        print(f"\nClass unlearning, digit by digit: {args.max_train_steps} steps, {args.num_eval_samples} samples per side")
+        print("\n".join(class_sweep_table(results["class_sweep"])))
     if results["data"] and args.stop_at_heldout_level:
         print(f"\nWhere --stop_at_heldout_level stopped (validation every {args.validation_steps} steps)")
         print("\n".join(stopping_table(results["data"])))
@@ -280,7 +388,7 @@ def plot(results: dict, path: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib).")
         return
-    panels = [(kind, data) for kind, data in results.items() if data]
+    panels = [(kind, results[kind]) for kind in ("data", "class") if results.get(kind)]
     if not panels:
         return
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
