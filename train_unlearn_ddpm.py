@@ -76,7 +76,7 @@ from diffusers_unlearn.training import (
     script_fingerprint,
 )
 from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
-from diffusers_unlearn.stopping import HeldoutLevelRule, add_stopping_arguments, check_stopping_arguments, check_stopping_with_sharding
+from diffusers_unlearn.stopping import add_stopping_arguments, check_stopping_arguments, check_stopping_with_sharding, stopping_rule
 from diffusers_unlearn.verdict import add_verdict_arguments, build_verdict, check_verdict_arguments, print_verdict
 from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
@@ -436,14 +436,15 @@ def main(args):
         if ema is not None:
             ema.step(trainable_parameters(accelerator.unwrap_model(unet)))
 
-    rule = HeldoutLevelRule(args.heldout_level_margin) if args.stop_at_heldout_level else None
+    rule = stopping_rule(args)
 
     def measure_level(model):  # the evaluation's losses (same timestep grid and noise seed) for the stopping rule
         level_denoiser = Denoiser(model, schedule)
-        return rule.measure(
-            denoising_losses(level_denoiser, batch_of(forget, is_conditional), seed=args.seed),
-            denoising_losses(level_denoiser, batch_of(heldout, is_conditional), seed=args.seed),
-        )
+        forget_losses = denoising_losses(level_denoiser, batch_of(forget, is_conditional), seed=args.seed)
+        heldout_losses = denoising_losses(level_denoiser, batch_of(heldout, is_conditional), seed=args.seed) if heldout is not None else None
+        if rule.reference == "retrained":  # the retrained model's per-item losses on the same queries
+            return rule.measure(forget_losses, retrain.forget_query_losses.mean(dim=1), heldout_losses)
+        return rule.measure(forget_losses, heldout_losses)
 
     def run_validation(step):
         return validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier if class_unlearning else None,

@@ -75,7 +75,7 @@ from diffusers_unlearn.training import (
     scaled_learning_rate,
 )
 from diffusers_unlearn.checkpoints import Checkpointer, find_resume_checkpoint
-from diffusers_unlearn.stopping import HeldoutLevelRule, add_stopping_arguments, check_stopping_arguments, check_stopping_with_sharding
+from diffusers_unlearn.stopping import add_stopping_arguments, check_stopping_arguments, check_stopping_with_sharding, stopping_rule
 from diffusers_unlearn.verdict import add_verdict_arguments, build_verdict, check_verdict_arguments, print_verdict
 from diffusers_unlearn.unlearner import BatchPool, Unlearner, step_generator
 
@@ -708,7 +708,7 @@ def main(args):
 
     start_step, validation_history = checkpointer.load(resume_path) if resume_path else (0, [])
 
-    rule = HeldoutLevelRule(args.heldout_level_margin) if args.stop_at_heldout_level else None
+    rule = stopping_rule(args)
 
     def validate(step):
         """Generations for the validation prompt and their memorization rate, every --validation_steps (and the
@@ -729,7 +729,12 @@ def main(args):
         if rule is not None:  # the evaluation's losses (same items, timestep grid and noise seed)
             denoiser = Denoiser(model, schedule, call=family.call)
             with accelerator.autocast():
-                level = rule.measure(denoising_losses(denoiser, batch_of(forget_cache, 256), seed=args.seed), denoising_losses(denoiser, batch_of(heldout_cache, 256), seed=args.seed))
+                forget_losses = denoising_losses(denoiser, batch_of(forget_cache, 256), seed=args.seed)
+                heldout_losses = denoising_losses(denoiser, batch_of(heldout_cache, 256), seed=args.seed) if heldout_cache is not None else None
+            if rule.reference == "retrained":  # the retrained model's per-item losses on the same queries
+                level = rule.measure(forget_losses, retrain.forget_query_losses.mean(dim=1), heldout_losses)
+            else:
+                level = rule.measure(forget_losses, heldout_losses)
             logs.update({f"validation/{key}": value for key, value in level.items()})
         model.train()
         if validation_prompt in forget_prompts:

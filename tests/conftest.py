@@ -19,3 +19,20 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def level_spy(monkeypatch):
+    """The level losses every stopping-rule measurement was given (diffusers_unlearn.stopping.HeldoutLevelRule),
+    the measurement itself unchanged."""
+    from diffusers_unlearn.stopping import HeldoutLevelRule
+
+    seen = []
+    measure = HeldoutLevelRule.measure
+
+    def spy(self, forget_losses, level_losses, heldout_losses=None):
+        seen.append(level_losses.clone())
+        return measure(self, forget_losses, level_losses, heldout_losses)
+
+    monkeypatch.setattr(HeldoutLevelRule, "measure", spy)
+    return seen

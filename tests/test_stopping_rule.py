@@ -216,3 +216,44 @@ def test_toy_erasediff_stops_near_the_heldout_level(tmp_path):
     assert after["mia_auc"] == pytest.approx(entry["mia_auc"])  # the evaluation's losses, on the stopped model
     assert after["forget_loss"] > 5 * report["metrics"]["before"]["forget_loss"]  # the canary was forgotten ...
     assert after["forget_loss"] < 2 * after["heldout_loss"]  # ... without running away (uncalibrated: 7x)
+
+
+# --- --stop_at_retrained_level: the level from the model retrained without the forget data ----------------------
+
+
+def test_retrained_reference_rule():
+    rule = HeldoutLevelRule(margin=0.0, reference="retrained")
+    level = rule.measure(torch.tensor([0.3]), torch.tensor([0.8]))
+    assert level == {"forget_loss_median": pytest.approx(0.3), "retrained_level": pytest.approx(0.8)}  # no AUC without held-out
+    with_heldout = rule.measure(torch.tensor([0.3]), torch.tensor([0.8]), torch.tensor([0.1, 0.2, 0.4, 0.5, 0.6]))
+    assert with_heldout["mia_auc"] == pytest.approx(0.6) and with_heldout["retrained_level"] == pytest.approx(0.8)
+    assert rule.reason({"step": 5, **level}) is None
+    assert "retrained model's level 0.8 at step 7" in rule.reason({"step": 7, "forget_loss_median": 0.8, "retrained_level": 0.8})
+    assert rule.summary([])["rule"] == "retrained_level"
+    with pytest.raises(ValueError, match="reference"):
+        HeldoutLevelRule(reference="keep")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stop_at_retrained_level"], "--stop_at_retrained_level needs the retrained model"),
+    (["--stop_at_retrained_level", "--stop_at_heldout_level", "--retrained_model_name_or_path", "x/y"], "not both"),
+])
+def test_retrained_level_refusals(workspace, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(base_args(workspace, tmp_path / "out", *extra))
+    assert message in capsys.readouterr().err
+
+
+def test_ddpm_script_takes_the_level_from_the_retrained_model(workspace, tmp_path, level_spy):
+    seen = level_spy
+    out = tmp_path / "out"
+    # The base model as its own "retrained" model: the level is the base model's forget loss.
+    run(base_args(workspace, out, "--max_train_steps", "4", "--checkpointing_steps", "100",
+                  "--retrained_model_name_or_path", str(workspace / "model"), "--stop_at_retrained_level"))
+    report = report_of(out)
+    assert report["stopping"]["rule"] == "retrained_level"
+    assert len(seen) == len(report["validation"]) >= 1
+    retrained_loss = report["retrained_model"]["metrics"]["forget_loss"]
+    assert all(level.mean().item() == pytest.approx(retrained_loss) for level in seen)
+    assert all(entry["retrained_level"] == pytest.approx(seen[0].median().item()) for entry in report["validation"])
+    assert all("mia_auc" in entry for entry in report["validation"])  # the held-out AUC is still logged

@@ -43,3 +43,14 @@ def test_retrained_model_of_another_family_is_refused_before_loading(workspace, 
     with pytest.raises(SystemExit):
         script.parse_args(base_args(workspace, tmp_path / "out", "--retrained_model_name_or_path", str(tmp_path / "missing")))
     assert "--retrained_model_name_or_path: no such local folder and not a Hub id" in capsys.readouterr().err
+
+
+def test_stop_at_retrained_level_uses_the_retrained_losses(workspace, tmp_path, level_spy):  # noqa: F811
+    seen = level_spy
+    out = tmp_path / "out"
+    script.main(script.parse_args(base_args(workspace, out, "--retrained_model_name_or_path", str(workspace / "model"), "--stop_at_retrained_level")))
+    report = json.loads((out / "unlearning_report.json").read_text())
+    assert report["stopping"]["rule"] == "retrained_level" and seen
+    retrained_loss = report["retrained_model"]["metrics"]["forget_loss"]
+    assert all(level.mean().item() == pytest.approx(retrained_loss) for level in seen)
+    assert all("retrained_level" in entry and "mia_auc" in entry for entry in report["validation"])
