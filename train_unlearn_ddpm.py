@@ -249,6 +249,13 @@ def load_sets(args, unet, resolution, channels, is_conditional):
     return forget, keep, heldout
 
 
+def other_class_images(args, resolution: int, channels: int) -> torch.Tensor:
+    """The real images of --forget_dataset_name outside --forget_class (no canary): the FD reference of an
+    unconditional model's class unlearning, which has no keep set to compare with."""
+    full = unlearn_data.load_dataset_images(args.forget_dataset_name, resolution, channels, "forget", include_canary=False)
+    return full.images[full.labels != args.forget_class]
+
+
 def batch_of(images: unlearn_data.ImageSet, with_labels: bool) -> DenoisingBatch:
     return DenoisingBatch(images.images, images.labels if with_labels else None)
 
@@ -281,7 +288,12 @@ def main(args):
     for image_set in (forget, keep, heldout):
         if image_set is not None:
             unlearn_data.log_notices(image_set, logger.info)
-    class_unlearning = is_conditional and args.forget_class is not None
+    # Class unlearning: a class of a class-conditional model, or (VDU's protocol) a class of an unconditional model,
+    # counted among its unconditional samples. The toy's canary is no class the classifier knows: it stays a copy.
+    from diffusers_unlearn.toy.data import CANARY_LABEL
+
+    toy_canary = args.forget_dataset_name == unlearn_data.TOY_DATASET and args.forget_class == CANARY_LABEL
+    class_unlearning = args.forget_class is not None and not toy_canary
 
     threshold = args.memorization_threshold
     if threshold is None and not class_unlearning:
@@ -344,7 +356,10 @@ def main(args):
     keep_classes = sorted(set(range(10)) - {args.forget_class}) if class_unlearning else None
     retrain = None  # the retrained model's RetrainReference, once it has been evaluated
     reference_features = None
-    if classifier is not None and keep is not None:
+    if classifier is not None and class_unlearning and not is_conditional:
+        # VDU's protocol has no keep set: the FD is to the real images of the other classes.
+        reference_features = classifier_features(classifier, other_class_images(args, resolution, channels))
+    elif classifier is not None and keep is not None:
         reference_features = classifier_features(classifier, keep.images)
 
     def evaluate(model):
@@ -353,7 +368,7 @@ def main(args):
         eval_forget = batch_of(forget, is_conditional)
         eval_keep = batch_of(keep.subset(range(min(len(keep), 512))), is_conditional) if keep is not None else eval_forget
         eval_heldout = batch_of(heldout, is_conditional) if heldout is not None else None
-        if class_unlearning:
+        if class_unlearning and is_conditional:
             labels = torch.tensor([keep_classes[i % len(keep_classes)] for i in range(args.num_eval_samples)])
             samples = sample(model, args.num_eval_samples, args.seed, labels)
         else:
@@ -365,11 +380,13 @@ def main(args):
             copy_detector=None if class_unlearning else detector,
         )
         if class_unlearning:
-            forget_samples = sample(model, args.num_eval_samples, args.seed + 7, args.forget_class)
+            # Conditional: samples drawn with the forgotten label; unconditional: the samples above.
+            forget_samples = sample(model, args.num_eval_samples, args.seed + 7, args.forget_class) if is_conditional else samples
             count = class_count(predict_labels(classifier, forget_samples, min_confidence=args.class_min_confidence), args.forget_class)
             metrics["forget_class_count"] = count
             metrics["forget_class_rate"] = count / len(forget_samples)
-            metrics["forget_class_samples"] = forget_samples[: args.num_validation_images]
+            if is_conditional:
+                metrics["forget_class_samples"] = forget_samples[: args.num_validation_images]
         if args.retrained_model_name_or_path:  # the same forget queries and sample seeds as the retrained model's
             measures = (query_losses(denoiser, eval_forget, seed=args.seed, batch_size=args.eval_batch_size),
                         classifier_features(classifier, samples) if classifier is not None else None)
