@@ -52,10 +52,10 @@ METHOD_FLAGS: dict[str, tuple[type, str]] = {
     "erasediff_lambda": (float, "Fixed forget weight when --erasediff_weighting fixed (default 0.1)."),
     "erasediff_inner_steps": (int, "K inner steps on the forget objective (default 0)."),
     "erasediff_inner_lr": (float, "Inner-loop step size (default 1e-3)."),
-    "vdu_gamma": (float, "Weight of VDU's stability regularizer (default 1)."),
-    "vdu_precision": (str, "'l2' (default), 'fisher' or 'checkpoints'."),
+    "vdu_gamma": (float, "Weight of VDU's stability regularizer (default 10)."),
+    "vdu_precision": (str, "'fisher' (default: a diagonal Fisher from the model's own samples), 'l2' or 'checkpoints'."),
     "vdu_plasticity": (str, "'hinge' (default) or 'log'."),
-    "vdu_target_loss": (float, "Forget loss at which VDU's plasticity term stops (default 1.0)."),
+    "vdu_target_loss": (float, "Forget loss at which VDU's plasticity term stops (default 0.3)."),
 }
 
 

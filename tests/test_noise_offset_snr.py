@@ -102,7 +102,8 @@ def test_defaults_draw_and_weigh_exactly_as_before():
 @pytest.mark.parametrize("option", [{"noise_offset": 0.5}, {"snr_gamma": 0.01}])
 def test_every_objective_gets_both_options_without_a_branch_of_its_own(name, option):
     """Each objective's terms change when the denoiser carries the option, and stay finite."""
-    kwargs = {"keep_weight": 1.0} if name == "neggrad" else {}
+    # vdu: a target above any loss here, so the hinge is active on random weights.
+    kwargs = {"neggrad": {"keep_weight": 1.0}, "vdu": {"target_loss": 100.0}}.get(name, {})
     results = []
     for options in ({}, option):
         denoiser, forget, keep = batches("unconditional")

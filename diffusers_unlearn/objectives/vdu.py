@@ -6,8 +6,8 @@ VDU uses ONLY the forget data; there is no keep set.
 
 * plasticity lowers the forget data's likelihood by raising its denoising loss, but bounded so
   it cannot diverge: per item, hinge `relu(target_loss - l)` or log-hinge
-  `relu(log target_loss - log l)`. The default target, 1.0, is the loss of a model that
-  predicts zero noise (E||eps||^2 per pixel), i.e. "denoise the forget data no better than chance".
+  `relu(log target_loss - log l)`. The default target, 0.3, is 30% of the loss of a model that
+  predicts zero noise (E||eps||^2 = 1 per pixel); a target of 1.0 collapses the toy DDPM.
 * stability is a quadratic pull toward the pretrained weights theta*:
   sum_i pi_i (theta_i - theta*_i)^2 / 2. With LoRA the regularized quantity is the effective
   weight delta B A * scale of every adapted layer (theta* corresponds to a zero delta).
@@ -162,8 +162,11 @@ class VDU(UnlearningObjective):
         fisher_samples: clean samples for precision="fisher"; if None, the model generates
             `fisher_num_samples` itself with `fisher_sampling_steps` DDIM steps.
 
+    The defaults (Fisher precision from the model's own samples, gamma 10, target 0.3) were tuned on the toy DDPM;
+    docs/methods/vdu.md says how and what they give.
+
     Example:
-        >>> objective = get_objective("vdu", gamma=1.0, precision="fisher")
+        >>> objective = get_objective("vdu", gamma=10.0, precision="fisher")
         >>> objective.prepare(denoiser, forget_batch)   # snapshot theta*, estimate the precision
         >>> terms = objective(denoiser, forget_batch)
     """
@@ -174,10 +177,10 @@ class VDU(UnlearningObjective):
 
     def __init__(
         self,
-        gamma: float = 1.0,
-        precision: str = "l2",
+        gamma: float = 10.0,
+        precision: str = "fisher",
         plasticity: str = "hinge",
-        target_loss: float = 1.0,
+        target_loss: float = 0.3,
         checkpoints: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
         fisher_samples: Optional[DenoisingBatch] = None,
         fisher_num_samples: int = 16,
