@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -91,6 +92,9 @@ def parse_args():
     parser.add_argument("--reuse", action="store_true",
                         help="keep the reports already in --output_dir (those of the same method, forget class, seed, "
                              "steps and sample count) instead of rerunning them, so an interrupted sweep continues")
+    parser.add_argument("--print_only", action="store_true",
+                        help="train nothing: print the tables from the reports already in --output_dir (as --reuse keeps "
+                             "them); runs without one are left out, and the digit-by-digit table lists them as not run")
     parser.add_argument("--retrained_model_name_or_path", default=None,
                         help="data unlearning: the DDPM retrained without the canary (default: the bundled "
                              "ddpm_unconditional_retrained_without_canary)")
@@ -108,18 +112,19 @@ def parse_args():
     return args
 
 
-def run(flags: list[str], reuse: bool = False, script=train_unlearn_ddpm) -> dict:
-    # A rerun replaces an earlier result in the same folder (unless --reuse keeps it).
+def run(flags: list[str], reuse: bool = False, script=train_unlearn_ddpm, train: bool = True) -> Optional[dict]:
+    """One run's report. A rerun replaces an earlier result in the same folder, unless `reuse` keeps it; with
+    `train=False` nothing is trained and a run without a report of these settings gives None."""
     args = script.parse_args([*flags, "--overwrite_output_dir"])
     path = os.path.join(args.output_dir, "unlearning_report.json")
     report = None
-    if reuse and os.path.exists(path):
+    if (reuse or not train) and os.path.exists(path):
         with open(path) as f:
             report = json.load(f)
         if not same_settings(report, args):  # a report of other settings would silently mix into the table
             print(f"--reuse: {path} was made with other settings; running again.")
             report = None
-    if report is None:
+    if report is None and train:
         script.main(args)
         with open(path) as f:
             report = json.load(f)
@@ -146,8 +151,10 @@ def compare_text_to_image(args) -> None:
         if args.methods and label not in args.methods:
             continue
         out = os.path.join(args.output_dir, args.text_to_image_toy, label)
-        reports[label] = run([*flags, "--pretrained_model_name_or_path", toy_model_path(args.text_to_image_toy),
-                              "--output_dir", out, "--seed", str(args.seed)], args.reuse, script=train_unlearn_sd)
+        report = run([*flags, "--pretrained_model_name_or_path", toy_model_path(args.text_to_image_toy),
+                      "--output_dir", out, "--seed", str(args.seed)], args.reuse, script=train_unlearn_sd, train=not args.print_only)
+        if report is not None:
+            reports[label] = report
     with open(os.path.join(args.output_dir, f"results_{args.text_to_image_toy}.json"), "w") as f:
         json.dump(reports, f, indent=2)
     if not reports:
@@ -302,6 +309,7 @@ def main():
     if args.stop_at_heldout_level:
         common += ["--stop_at_heldout_level"] + (["--heldout_level_margin", str(args.heldout_level_margin)] if args.heldout_level_margin is not None else [])
     results = {"data": {}, "class": {}, "class_sweep": {}}
+    not_run: dict[str, list[int]] = {}  # --print_only: the digit-by-digit runs without a report, per method
 
     if not args.skip_data:
         retrain_flags = []
@@ -314,7 +322,9 @@ def main():
             if args.methods and label not in args.methods:
                 continue
             out = os.path.join(args.output_dir, "data", label.replace("[", "_").replace("]", "").replace("=", ""))
-            results["data"][label] = run([*flags, *common, *retrain_flags, "--output_dir", out], args.reuse)
+            report = run([*flags, *common, *retrain_flags, "--output_dir", out], args.reuse, train=not args.print_only)
+            if report is not None:
+                results["data"][label] = report
 
     if not args.skip_class:
         from diffusers_unlearn.toy import toy_model_path
@@ -325,19 +335,23 @@ def main():
                 "--pretrained_model_name_or_path", toy_model_path("ddpm_class_conditional"),
                 "--forget_dataset_name", "toy-digits", "--forget_class", str(digit),
                 "--keep_dataset_name", "toy-digits",
-            ], args.reuse)
+            ], args.reuse, train=not args.print_only)
 
         methods = [(label, flags) for label, flags in CLASS_METHODS if not args.methods or label in args.methods]
         if args.forget_classes:
             # Digit by digit, so an interrupted sweep (rerun with --reuse) has whole digits behind it.
             for digit in args.forget_classes:
-                results["class_sweep"][digit] = {
-                    label: run_class(label, flags, digit, os.path.join(args.output_dir, "class", str(digit), label))
-                    for label, flags in methods
-                }
+                for label, flags in methods:
+                    report = run_class(label, flags, digit, os.path.join(args.output_dir, "class", str(digit), label))
+                    if report is not None:
+                        results["class_sweep"].setdefault(digit, {})[label] = report
+                    else:
+                        not_run.setdefault(label, []).append(digit)
         else:
             for label, flags in methods:
-                results["class"][label] = run_class(label, flags, args.forget_class, os.path.join(args.output_dir, "class", label))
+                report = run_class(label, flags, args.forget_class, os.path.join(args.output_dir, "class", label))
+                if report is not None:
+                    results["class"][label] = report
 
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -358,9 +372,11 @@ def main():
                 f"{fmt(first_zero_step(report, 'forget_class_rate')):>8s} {fmt(stays_zero_step(report, 'forget_class_rate')):>7s} "
                 f"{report['wall_seconds']:7.0f}"
             )
-    if any(results["class_sweep"].values()):
+    if results["class_sweep"]:
         print(f"\nClass unlearning, digit by digit: {args.max_train_steps} steps, {args.num_eval_samples} samples per side")
         print("\n".join(class_sweep_table(results["class_sweep"])))
+    for label, digits in not_run.items():
+        print(f"{label:14s} not run (no report): digits {' '.join(str(d) for d in digits)}")
     if results["data"] and args.stop_at_heldout_level:
         print(f"\nWhere --stop_at_heldout_level stopped (validation every {args.validation_steps} steps)")
         print("\n".join(stopping_table(results["data"])))

@@ -77,6 +77,28 @@ def test_bad_digits_are_refused_before_any_run(digits, monkeypatch, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_print_only_trains_nothing_and_lists_missing_runs(monkeypatch, tmp_path, capsys):
+    report = class_report(95.0, 2.0, 2.2, digit=2)
+    folder = tmp_path / "class" / "2" / "siss"
+    folder.mkdir(parents=True)
+    (folder / "unlearning_report.json").write_text(json.dumps(report))
+
+    def no_training(args):
+        raise AssertionError("--print_only trained")
+
+    monkeypatch.setattr(compare_methods.train_unlearn_ddpm, "main", no_training)
+    monkeypatch.setattr(sys, "argv", [
+        "compare_methods.py", "--output_dir", str(tmp_path), "--skip_data", "--methods", "siss", "erasediff",
+        "--forget_classes", "2", "3", "--max_train_steps", "300", "--num_eval_samples", "256", "--print_only"])
+    compare_methods.main()
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith("Class unlearning, digit by digit"))
+    assert [line.split()[:2] for line in out[start + 2:start + 3]] == [["2", "siss"]]
+    assert out[start + 4].split() == ["siss", "1/1"]
+    assert out[start + 5].split() == ["erasediff", "not", "run", "(no", "report):", "digits", "2", "3"]
+    assert out[start + 6].split() == ["siss", "not", "run", "(no", "report):", "digits", "3"]
+
+
 def test_tiny_sweep_runs_and_reuses(monkeypatch, tmp_path, capsys):
     """One digit, one step and a few samples through train_unlearn_ddpm.py; a rerun with --reuse trains nothing."""
     argv = ["compare_methods.py", "--output_dir", str(tmp_path), "--skip_data", "--methods", "siss",
