@@ -95,7 +95,7 @@ def parse_args(argv=None):
     parser.add_argument("--variant", type=str, default=None)
     parser.add_argument("--forget_data_dir", type=str, default=None, help="Image folder of the items to forget. Subfolders are read too (as datasets' imagefolder does); a metadata.jsonl in any folder gives file_name and an integer 'label' (needed by a class-conditional model).")
     parser.add_argument("--forget_dataset_name", type=str, default=None, help=f"A datasets name/path, or '{unlearn_data.TOY_DATASET}'.")
-    parser.add_argument("--forget_class", type=int, default=None, help="Forget every item of this class.")
+    parser.add_argument("--forget_class", type=int, default=None, help="Forget every item of this class. The report counts the class among the samples with the classifier (forget_class_rate, PUL): samples drawn with that label on a class-conditional model, ordinary samples on an unconditional one (VDU's protocol; the toy's canary label stays a copy count).")
     parser.add_argument("--forget_indices", type=int, nargs="+", default=None, help="Forget these dataset indices.")
     parser.add_argument("--keep_data_dir", type=str, default=None, help="Image folder of items to keep, read like --forget_data_dir. Copies of forget images (exact, or within --near_duplicate_distance) are removed from it with a notice.")
     parser.add_argument("--keep_dataset_name", type=str, default=None)
