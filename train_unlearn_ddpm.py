@@ -189,6 +189,13 @@ def parse_args(argv=None):
             args.keep_dataset_name = args.keep_dataset_name or unlearn_data.TOY_DATASET
     if args.learning_rate is None:
         args.learning_rate = 5e-3 if args.train_mode == "lora" else 1e-4
+    if args.forget_class is not None and (args.stop_at_heldout_level or args.stop_at_retrained_level):
+        from diffusers_unlearn.toy.data import CANARY_LABEL
+
+        if not (args.forget_dataset_name == unlearn_data.TOY_DATASET and args.forget_class == CANARY_LABEL):
+            # Held-out images of every class (and the retrained model's losses) say nothing about when a class is
+            # gone: the forget class's loss can sit at that level before training (digits 5, 8, 9 on the toy).
+            parser.error("--stop_at_heldout_level / --stop_at_retrained_level calibrate data unlearning; with --forget_class (class unlearning) run without them and read the class rate and PUL.")
     check_stopping_arguments(parser, args, has_heldout=bool(args.heldout_data_dir) or unlearn_data.TOY_DATASET in (args.forget_dataset_name, args.keep_dataset_name))
     check_number_flags(parser, args)
     check_verdict_arguments(parser, args)

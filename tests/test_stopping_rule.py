@@ -257,3 +257,13 @@ def test_ddpm_script_takes_the_level_from_the_retrained_model(workspace, tmp_pat
     assert all(level.mean().item() == pytest.approx(retrained_loss) for level in seen)
     assert all(entry["retrained_level"] == pytest.approx(seen[0].median().item()) for entry in report["validation"])
     assert all("mia_auc" in entry for entry in report["validation"])  # the held-out AUC is still logged
+
+
+def test_class_unlearning_refuses_the_level_rules(workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--forget_dataset_name", "toy-digits", "--forget_class", "1", "--stop_at_heldout_level",
+                           "--output_dir", str(tmp_path / "out")])
+    assert "with --forget_class (class unlearning) run without them" in capsys.readouterr().err
+    # The toy's canary (its own label in toy-digits) is data unlearning: accepted.
+    args = script.parse_args(["--stop_at_heldout_level", "--output_dir", str(tmp_path / "toy")])
+    assert args.stop_at_heldout_level
