@@ -84,9 +84,9 @@ def parse_args():
     parser.add_argument("--skip_class", action="store_true", help="skip the class-unlearning part")
     parser.add_argument("--skip_data", action="store_true", help="skip the data-unlearning part")
     parser.add_argument("--stop_at_heldout_level", action="store_true",
-                        help="each method with train_unlearn_ddpm.py's calibrated stopping rule (stops when the forget "
-                             "items' loss reaches the held-out digits' level, checked every --validation_steps); prints "
-                             "the step each data-unlearning run stopped at (digit-by-digit class table: the 'steps' column)")
+                        help="each data-unlearning run with train_unlearn_ddpm.py's calibrated stopping rule (stops when "
+                             "the forget items' loss reaches the held-out digits' level, checked every --validation_steps); "
+                             "prints the step each run stopped at. Class runs never use it (the script refuses it there).")
     parser.add_argument("--heldout_level_margin", type=float, default=None, help="with --stop_at_heldout_level (default: the script's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true",
@@ -306,8 +306,9 @@ def main():
         "--checkpointing_steps", str(10**9),
         "--seed", str(args.seed),
     ]
+    stop_flags = []  # data unlearning only: train_unlearn_ddpm.py refuses the level rules for class unlearning
     if args.stop_at_heldout_level:
-        common += ["--stop_at_heldout_level"] + (["--heldout_level_margin", str(args.heldout_level_margin)] if args.heldout_level_margin is not None else [])
+        stop_flags = ["--stop_at_heldout_level"] + (["--heldout_level_margin", str(args.heldout_level_margin)] if args.heldout_level_margin is not None else [])
     results = {"data": {}, "class": {}, "class_sweep": {}}
     not_run: dict[str, list[int]] = {}  # --print_only: the digit-by-digit runs without a report, per method
 
@@ -322,7 +323,7 @@ def main():
             if args.methods and label not in args.methods:
                 continue
             out = os.path.join(args.output_dir, "data", label.replace("[", "_").replace("]", "").replace("=", ""))
-            report = run([*flags, *common, *retrain_flags, "--output_dir", out], args.reuse, train=not args.print_only)
+            report = run([*flags, *common, *stop_flags, *retrain_flags, "--output_dir", out], args.reuse, train=not args.print_only)
             if report is not None:
                 results["data"][label] = report
 
