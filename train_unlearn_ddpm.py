@@ -189,13 +189,10 @@ def parse_args(argv=None):
             args.keep_dataset_name = args.keep_dataset_name or unlearn_data.TOY_DATASET
     if args.learning_rate is None:
         args.learning_rate = 5e-3 if args.train_mode == "lora" else 1e-4
-    if args.forget_class is not None and (args.stop_at_heldout_level or args.stop_at_retrained_level):
-        from diffusers_unlearn.toy.data import CANARY_LABEL
-
-        if not (args.forget_dataset_name == unlearn_data.TOY_DATASET and args.forget_class == CANARY_LABEL):
-            # Held-out images of every class (and the retrained model's losses) say nothing about when a class is
-            # gone: the forget class's loss can sit at that level before training (digits 5, 8, 9 on the toy).
-            parser.error("--stop_at_heldout_level / --stop_at_retrained_level calibrate data unlearning; with --forget_class (class unlearning) run without them and read the class rate and PUL.")
+    if forgets_a_class(args) and (args.stop_at_heldout_level or args.stop_at_retrained_level):
+        # Held-out images of every class (and the retrained model's losses) say nothing about when a class is gone:
+        # the forget class's loss can sit at that level before training (digits 5, 8, 9 on the toy).
+        parser.error("--stop_at_heldout_level / --stop_at_retrained_level calibrate data unlearning; with --forget_class (class unlearning) run without them and read the class rate and PUL.")
     check_stopping_arguments(parser, args, has_heldout=bool(args.heldout_data_dir) or unlearn_data.TOY_DATASET in (args.forget_dataset_name, args.keep_dataset_name))
     check_number_flags(parser, args)
     check_verdict_arguments(parser, args)
@@ -256,6 +253,15 @@ def load_sets(args, unet, resolution, channels, is_conditional):
     return forget, keep, heldout
 
 
+def forgets_a_class(args) -> bool:
+    """Class unlearning: a class of a class-conditional model, or (VDU's protocol) a class of an unconditional model,
+    counted among its unconditional samples. The toy's canary is no class the classifier knows: it stays a copy."""
+    from diffusers_unlearn.toy.data import CANARY_LABEL
+
+    toy_canary = args.forget_dataset_name == unlearn_data.TOY_DATASET and args.forget_class == CANARY_LABEL
+    return args.forget_class is not None and not toy_canary
+
+
 def other_class_images(args, resolution: int, channels: int) -> torch.Tensor:
     """The real images of --forget_dataset_name outside --forget_class (no canary): the FD reference of an
     unconditional model's class unlearning, which has no keep set to compare with."""
@@ -295,12 +301,7 @@ def main(args):
     for image_set in (forget, keep, heldout):
         if image_set is not None:
             unlearn_data.log_notices(image_set, logger.info)
-    # Class unlearning: a class of a class-conditional model, or (VDU's protocol) a class of an unconditional model,
-    # counted among its unconditional samples. The toy's canary is no class the classifier knows: it stays a copy.
-    from diffusers_unlearn.toy.data import CANARY_LABEL
-
-    toy_canary = args.forget_dataset_name == unlearn_data.TOY_DATASET and args.forget_class == CANARY_LABEL
-    class_unlearning = args.forget_class is not None and not toy_canary
+    class_unlearning = forgets_a_class(args)
 
     threshold = args.memorization_threshold
     if threshold is None and not class_unlearning:
@@ -471,7 +472,7 @@ def main(args):
         return rule.measure(forget_losses, heldout_losses)
 
     def run_validation(step):
-        return validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier if class_unlearning else None,
+        return validate(accelerator, args, unet, ema, sample, forget, None if class_unlearning else detector, step, classifier if class_unlearning else None,
                         measure_level if rule is not None else None)
 
     if fsdp:  # a sharded model samples only with every process taking part; validation runs on the main one
@@ -559,8 +560,8 @@ def main(args):
     accelerator.end_training()
 
 
-def validate(accelerator, args, unet, ema, sample, forget, threshold, step, classifier_for_rate=None, measure_level=None):
-    """A small sample grid (and memorization rate) every --validation_steps, never every step; with
+def validate(accelerator, args, unet, ema, sample, forget, detector, step, classifier_for_rate=None, measure_level=None):
+    """A small sample grid (and memorization rate, by the run's copy `detector`) every --validation_steps, never every step; with
     `measure_level` (--stop_at_heldout_level) also the forget and held-out loss levels, on the EMA weights too."""
     from diffusers_unlearn.metrics import memorization_rate
 
@@ -573,8 +574,8 @@ def validate(accelerator, args, unet, ema, sample, forget, threshold, step, clas
     if ema is not None:
         ema.restore(trainable_parameters(model))
     logs = {f"validation/{key}": value for key, value in level.items()}
-    if threshold is not None:
-        logs["validation/memorization_rate"] = memorization_rate(images, forget.images, threshold)
+    if detector is not None:
+        logs["validation/memorization_rate"] = memorization_rate(images, forget.images, copy_detector=detector)
     if classifier_for_rate is not None and args.forget_class is not None:
         labels = predict_labels(classifier_for_rate, images, min_confidence=args.class_min_confidence)
         logs["validation/forget_class_rate"] = class_count(labels, args.forget_class) / len(images)

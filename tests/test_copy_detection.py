@@ -323,12 +323,16 @@ def test_ddpm_script_records_and_uses_the_feature_detector(ddpm_workspace, dinov
 
     monkeypatch.setattr(script, "load_copy_detector", load)
     out = tmp_path / "out"
-    script.main(script.parse_args(ddpm_args(ddpm_workspace, out, "--copy_detector", str(dinov2_dir), "--copy_similarity_threshold", "0.9", "--checkpointing_steps", "2")))
+    script.main(script.parse_args(ddpm_args(ddpm_workspace, out, "--copy_detector", str(dinov2_dir), "--copy_similarity_threshold", "0.9", "--checkpointing_steps", "2",
+                                            "--validation_steps", "1", "--num_validation_images", "3")))
     report = json.loads((out / "unlearning_report.json").read_text())
     assert report["copy_detector"]["name"] == str(dinov2_dir) and report["copy_detector"]["threshold"] == 0.9
     assert report["memorization_threshold"] == 0.9
     assert report["metrics"]["before"]["memorization_threshold"] == 0.9
     assert 6 in used  # the evaluation samples went through the detector
+    # ... and each validation's 3 samples (the copy count a stopping rule reads), not a pixel distance.
+    assert len(report["validation"]) >= 1 and used.count(3) == len(report["validation"])
+    assert all(0.0 <= entry["memorization_rate"] <= 1.0 for entry in report["validation"])
     card = (out / "README.md").read_text()
     assert f"Copy detection: `{dinov2_dir}`, threshold 0.9 (cosine similarity, copy above)" in card
     manifests = list(out.glob("checkpoint-*/checkpoint.json"))
