@@ -467,9 +467,7 @@ def main(args):
         level_denoiser = Denoiser(model, schedule)
         forget_losses = denoising_losses(level_denoiser, batch_of(forget, is_conditional), seed=args.seed)
         heldout_losses = denoising_losses(level_denoiser, batch_of(heldout, is_conditional), seed=args.seed) if heldout is not None else None
-        if rule.reference == "retrained":  # the retrained model's per-item losses on the same queries
-            return rule.measure(forget_losses, retrain.forget_query_losses.mean(dim=1), heldout_losses)
-        return rule.measure(forget_losses, heldout_losses)
+        return rule.measure_run(forget_losses, heldout_losses, retrain)
 
     def run_validation(step):
         return validate(accelerator, args, unet, ema, sample, forget, None if class_unlearning else detector, step, classifier if class_unlearning else None,

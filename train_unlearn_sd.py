@@ -731,10 +731,7 @@ def main(args):
             with accelerator.autocast():
                 forget_losses = denoising_losses(denoiser, batch_of(forget_cache, 256), seed=args.seed)
                 heldout_losses = denoising_losses(denoiser, batch_of(heldout_cache, 256), seed=args.seed) if heldout_cache is not None else None
-            if rule.reference == "retrained":  # the retrained model's per-item losses on the same queries
-                level = rule.measure(forget_losses, retrain.forget_query_losses.mean(dim=1), heldout_losses)
-            else:
-                level = rule.measure(forget_losses, heldout_losses)
+            level = rule.measure_run(forget_losses, heldout_losses, retrain)
             logs.update({f"validation/{key}": value for key, value in level.items()})
         model.train()
         if validation_prompt in forget_prompts:

@@ -125,6 +125,13 @@ class HeldoutLevelRule:
             entry["mia_auc"] = float(mia_auc(forget_losses, heldout_losses))
         return entry
 
+    def measure_run(self, forget_losses: torch.Tensor, heldout_losses: Optional[torch.Tensor] = None, retrain=None) -> dict[str, float]:
+        """`measure` with the level this rule reads: the held-out losses, or the retrained model's per-item forget
+        losses (`retrain`, a `metrics.RetrainReference` measured on the same queries)."""
+        if self.reference == "retrained":
+            return self.measure(forget_losses, retrain.forget_query_losses.mean(dim=1), heldout_losses)
+        return self.measure(forget_losses, heldout_losses)
+
     def reason(self, entry: Optional[dict[str, Any]]) -> Optional[str]:
         """Why training stops at this validation entry, or None to go on."""
         if not entry or "forget_loss_median" not in entry:
