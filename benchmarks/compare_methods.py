@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import train_unlearn_ddpm  # noqa: E402
 import train_unlearn_sd  # noqa: E402
+from diffusers_unlearn.verdict import VerdictThresholds  # noqa: E402
 
 # (label, extra flags). Each run uses the same seeds, steps and evaluation.
 DATA_METHODS = [
@@ -56,9 +57,10 @@ CLASS_METHODS = [
     ("vdu", ["--method", "vdu"]),
     ("siss", ["--method", "siss"]),
 ]
-# The class-unlearning target: the forgotten class gone (PUL) while the other classes keep their quality.
-CLASS_TARGET_PUL = 90.0
-CLASS_TARGET_FD_RATIO = 1.15  # keep-class FD after / before; lower FD is better, so only a rise counts against it
+# The class-unlearning target, the verdict's default thresholds: the forgotten class gone (PUL) while the other
+# classes keep their quality (keep-class FD after / before; lower FD is better, so only a rise counts against it).
+CLASS_TARGET_PUL = VerdictThresholds().min_pul
+CLASS_TARGET_FD_RATIO = 1.0 + VerdictThresholds().max_fd_increase
 TEXT_TO_IMAGE_METHODS = [
     ("naive_deletion", ["--method", "naive_deletion"]),
     ("neggrad", ["--method", "neggrad"]),
