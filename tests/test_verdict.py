@@ -92,6 +92,12 @@ def test_flags_set_the_thresholds():
     args = parser.parse_args(["--verdict_max_copy_rate", "0.01", "--verdict_max_retrain_fd_ratio", "0.8"])
     check_verdict_arguments(parser, args)
     assert args.verdict_thresholds == VerdictThresholds(max_copy_rate=0.01, max_retrain_fd_ratio=0.8)
+    # Every documented flag reaches its threshold.
+    values = {"max_copy_rate": 0.02, "min_pul": 80.0, "mia_auc_tolerance": 0.1, "max_accuracy_drop": 0.03,
+              "max_fd_increase": 0.2, "max_keep_loss_increase": 0.05, "max_retrain_fd_ratio": 0.9}
+    args = parser.parse_args([item for name, value in values.items() for item in (f"--verdict_{name}", str(value))])
+    check_verdict_arguments(parser, args)
+    assert args.verdict_thresholds == VerdictThresholds(**values)
 
 
 def test_model_card_has_the_verdict_section(tmp_path):
