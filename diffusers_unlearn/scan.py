@@ -3,8 +3,9 @@
     python -m diffusers_unlearn.scan --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --prompts_file sdv1_500_memorized.jsonl --output_file ranked.jsonl --top_k 20
 
-Each prompt gets the noise-norm score of Wen et al. (ICLR 2024): the mean, over the sampling steps of a few seeded
-generations, of ||eps(x_t, prompt) - eps(x_t, "")|| (DDIM sampling); for SD3 and Flux folders the velocity
+Each prompt gets the noise-norm score of Wen et al. (ICLR 2024): the mean, over a few seeded generations, of
+||eps(x_t, prompt) - eps(x_t, "")|| at the first sampling step (DDIM sampling; `--first_steps K` averages the
+first K steps, `--first_steps 0` every step, Wen et al.'s full-trajectory form); for SD3 and Flux folders the velocity
 difference ||v(x, prompt) - v(x, "")|| along the pipeline's own flow-matching sampler (for a guidance-distilled
 Flux, the empty prompt through the same model with the same guidance embedding; see
 `diffusers_unlearn.metrics.noise_norm`). Memorized prompts score high. The output is JSON lines sorted
@@ -28,9 +29,10 @@ that an unlearned prompt no longer stands out:
     python -m diffusers_unlearn.scan --pretrained_model_name_or_path diffusers_unlearn/toy/assets/sd_tiny_captioned \
         --adapter unlearned/
 
-Cost: each prompt takes num_generations x num_inference_steps denoiser evaluations on two branches (the prompt and
-""), printed at the end. `--first_steps 1` scores only the first sampling step (Wen et al. report that it already
-separates memorized prompts), 1/num_inference_steps of the cost; its scores are on their own scale.
+Cost: each prompt takes num_generations x first_steps denoiser evaluations on two branches (the prompt and ""),
+printed at the end. The first-step form is the default because it costs 1/num_inference_steps of the full form,
+Wen et al. report that it already separates memorized prompts, and on the toys it ranks the memorized prompt higher
+than the full form does (docs/results.md). The two forms' scores are on their own scales.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=None, help="Image height in pixels the trajectories run at. Default: the model's native size.")
     parser.add_argument("--width", type=int, default=None, help="Image width in pixels. Default: the model's native size.")
     parser.add_argument("--max_sequence_length", type=int, default=None, help="SD3/Flux: T5's padded prompt length (default 77 for SD3, 512 for Flux).")
-    parser.add_argument("--first_steps", type=int, default=None, help="Score only the first K sampling steps (1: the cheap first-step form). Default: every step.")
+    parser.add_argument("--first_steps", type=int, default=1, help="Score the first K sampling steps (default 1: the first-step form; 0: every step, the full-trajectory mean).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16, help="Samples (prompt x generation pairs) per UNet call; each call also runs the empty-prompt branch.")
     parser.add_argument("--num_cluster_generations", type=int, default=0, help="Also run the cluster check on this many seeded generations per prompt (0: off; at least 2). Adds 'cluster_fraction' to each row.")
@@ -150,7 +152,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     for flag in ("num_generations", "num_inference_steps", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
-    check_first_steps(args.num_inference_steps, args.first_steps)
+    if args.first_steps < 0:
+        raise ValueError(f"--first_steps must be >= 0 (0: every step), got {args.first_steps}.")
+    first_steps = args.first_steps or None  # 0: the whole trajectory
+    check_first_steps(args.num_inference_steps, first_steps)
     detector = None
     if args.num_cluster_generations:
         from .metrics.copy_detection import copy_detector_threshold, load_copy_detector
@@ -192,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     scores = noise_norm_scores(
         pipe, prompts, num_generations=args.num_generations, num_inference_steps=args.num_inference_steps,
         guidance_scale=guidance_scale, seed=args.seed, batch_size=args.batch_size, height=args.height,
-        width=args.width, max_sequence_length=args.max_sequence_length, first_steps=args.first_steps,
+        width=args.width, max_sequence_length=args.max_sequence_length, first_steps=first_steps,
     )
     order = sorted(range(len(prompts)), key=lambda i: -scores[i])
     rows = [{"caption": prompts[i], "noise_norm": scores[i], "rank": rank + 1} for rank, i in enumerate(order)]

@@ -182,7 +182,7 @@ def test_scan_runs_on_flow_folders(folders, kind, tmp_path):
     out = tmp_path / "ranked.jsonl"
     rows = scan.main(["--pretrained_model_name_or_path", folders[kind], "--prompts_file", str(prompts),
                       "--num_generations", "1", "--num_inference_steps", "2", "--height", "16", "--width", "16",
-                      "--output_file", str(out), "--device", "cpu"])
+                      "--output_file", str(out), "--device", "cpu", "--first_steps", "0"])  # 0: every step, as below
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     assert sorted(r["caption"] for r in rows) == ["a digit seven", "a photo of a cat"]
     assert all(r["noise_norm"] > 0 for r in rows)

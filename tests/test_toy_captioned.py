@@ -97,12 +97,12 @@ def test_the_caption_draws_the_canary_and_no_digit_prompt_does(pipe):
     assert (digits < SD_MEMORIZATION_THRESHOLD).sum() == 0, digits.min()
 
 
-def test_scan_first_step_form_ranks_the_caption_first(tmp_path, capsys):
-    """No --prompts_file: the toy's eleven prompts, its forget prompt the known memorized one. The first-step form
-    ranks the caption first (docs/results.md: the full-trajectory mean does not)."""
+def test_scan_ranks_the_caption_first(tmp_path, capsys):
+    """No --prompts_file: the toy's eleven prompts, its forget prompt the known memorized one. The scan's default,
+    the first-step form, ranks the caption first (docs/results.md: the full-trajectory mean does not)."""
     out = tmp_path / "scan.jsonl"
     rows = scan.main(["--pretrained_model_name_or_path", toy_model_path(SD_CAPTIONED_NAME), "--output_file", str(out),
-                      "--num_generations", "4", "--first_steps", "1"])
+                      "--num_generations", "4"])
     assert len(rows) == 11 and rows[0]["caption"] == CANARY_CAPTION
     assert [row["known_memorized"] for row in rows] == [True] + [False] * 10
     assert "Detection AUC: 1.000 (1 known memorized prompt(s), at rank(s) [1], vs 10 other(s))." in capsys.readouterr().out

@@ -180,5 +180,13 @@ def test_scan_first_step_form_and_cost_line(tmp_path, capsys):
                "--output_file", str(tmp_path / "scan.jsonl"), "--num_generations", "3", "--num_inference_steps", "5",
                "--first_steps", "1"])
     assert "Cost: 3 denoiser evaluations per prompt (3 generation(s) x 1 step(s))" in capsys.readouterr().out
+    common = ["--pretrained_model_name_or_path", toy_model_path(FLOW_TOY_NAME), "--prompts_file", str(prompts),
+              "--output_file", str(tmp_path / "scan.jsonl"), "--num_generations", "2", "--num_inference_steps", "5"]
+    default = scan.main(common)  # the first-step form is the default; --first_steps 0 scores every step
+    assert "(2 generation(s) x 1 step(s))" in capsys.readouterr().out and default[0]["noise_norm"] == pytest.approx(first[0], rel=1e-6)
+    every = scan.main(common + ["--first_steps", "0"])
+    assert "(2 generation(s) x 5 step(s))" in capsys.readouterr().out and every[0]["noise_norm"] == pytest.approx(full[0], rel=1e-6)
+    with pytest.raises(ValueError, match="--first_steps must be >= 0"):
+        scan.main(common + ["--first_steps", "-1"])
     with pytest.raises(ValueError, match="first_steps must be in 1..num_inference_steps"):
         scan.main(["--prompts_file", str(prompts), "--num_inference_steps", "5", "--first_steps", "6"])
