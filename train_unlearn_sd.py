@@ -98,6 +98,8 @@ def parse_args(argv=None):
     parser.add_argument("--keep_from_generations", type=int, default=None, help="Generate N images per forget prompt (on sd_tiny_captioned: per digit prompt); those far from every forget image become the keep set.")
     add_keep_dataset_arguments(parser)  # --dataset_name, --train_data_dir, ...: the keep set, as the official script's data
     parser.add_argument("--keep_generation_threshold", type=float, default=None, help="Pixel L2 ([0,1] units) below which a generation counts as a forget copy (of a forget image, or of a generation already counted as one). Default: --memorization_threshold.")
+    parser.add_argument("--anchor_prompt", type=str, default=None, help="What the forget prompts should draw instead: generate --num_anchor_generations images of this prompt (\"\" = the unconditional model), drop forget copies, and add them to the keep set under every forget prompt (Kumari et al.'s anchor). Needed when every generation of a forget prompt is a copy, as for a memorized caption of its own: the keep set then says nothing about that prompt and the copies stay. Default: none (sd_tiny_captioned: \"\").")
+    parser.add_argument("--num_anchor_generations", type=int, default=32, help="Images of --anchor_prompt to generate (0: no anchor, also on sd_tiny_captioned).")
     parser.add_argument("--heldout_data_dir", type=str, default=None, help="Image folder with prompts the model never saw: heldout_loss and membership-inference AUC.")
     parser.add_argument("--output_dir", type=str, default="unlearn-sd-output")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace the finished run in --output_dir (its outputs are swapped out when this run finishes; checkpoints and logs stay).")
@@ -204,6 +206,8 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be >= 1.")
     if args.keep_from_generations is not None and args.keep_from_generations < 1:
         parser.error("--keep_from_generations must be >= 1.")
+    if args.num_anchor_generations < 0:
+        parser.error("--num_anchor_generations must be >= 0 (0: no anchor).")
 
     from diffusers_unlearn.toy import toy_info, toy_model_path
 
@@ -224,6 +228,8 @@ def parse_args(argv=None):
             args.max_sequence_length = toy["max_sequence_length"]
         if not given and args.keep_data_dir is None and args.keep_from_generations is None and not (args.dataset_name or args.train_data_dir):
             args.keep_from_generations = TOY_DEFAULTS[toy["toy"]]["keep_from_generations"]
+        if not given and args.anchor_prompt is None:
+            args.anchor_prompt = TOY_DEFAULTS[toy["toy"]].get("anchor_prompt")
     elif not given:
         parser.error("Give the images to forget: --forget_data_dir, --forget_images with --forget_prompts, or --memorized_prompts_file.")
     defaults = TOY_DEFAULTS[toy["toy"]] if args.using_toy else REAL_MODEL_DEFAULTS
@@ -258,8 +264,10 @@ TOY_DEFAULTS = {
 # sd_tiny retrained without the canary (the gold standard, toy.SD_RETRAINED_NAME) has sd_tiny's architecture.
 TOY_DEFAULTS["sd_tiny_retrained_without_canary"] = TOY_DEFAULTS["sd_tiny"]
 # sd_tiny with the canary under its own caption (toy.SD_CAPTIONED_NAME): sd_tiny's architecture and rates; every
-# generation of that caption is the canary, so the keep set is generations of the ten digit prompts, N per prompt.
-TOY_DEFAULTS["sd_tiny_captioned"] = {**TOY_DEFAULTS["sd_tiny"], "keep_from_generations": 32}
+# generation of that caption is the canary, so the keep set is generations of the ten digit prompts, N per prompt,
+# plus the unconditional model's generations under the caption (the anchor): without them every caption
+# generation stays a copy (docs/results.md).
+TOY_DEFAULTS["sd_tiny_captioned"] = {**TOY_DEFAULTS["sd_tiny"], "keep_from_generations": 32, "anchor_prompt": ""}
 
 FAMILY_OPTION_FLAGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
 
@@ -381,6 +389,8 @@ def load_forget_and_keep(args, pipe, resolution, threshold, detector=None):
             raise unlearn_data.DataError("The keep set is empty after filtering: every generation is a forget copy. Raise --keep_from_generations or lower --keep_generation_threshold.")
         images = torch.cat(kept)
         keep = unlearn_data.ImageSet(images, [unlearn_data.pixel_hash(x) for x in images], [f"generation/{i}" for i in range(len(images))], None, texts)
+    if args.anchor_prompt is not None and args.num_anchor_generations > 0:
+        keep = add_anchor_generations(args, pipe, forget, keep, detector, resolution)
     if keep is not None:
         keep = unlearn_data.remove_overlap(keep, forget, args.near_duplicate_distance)
     else:
@@ -394,6 +404,23 @@ def load_forget_and_keep(args, pipe, resolution, threshold, detector=None):
 
         heldout = heldout_set(resolution)
     return forget, keep, heldout
+
+
+def add_anchor_generations(args, pipe, forget, keep, detector, resolution):
+    """--anchor_prompt: its generations that are no forget copy, added to the keep set once per forget prompt, so
+    the forget prompts learn to draw them (what a model that never saw the forget images draws) rather than only
+    to move away from the copies."""
+    images = generate_images(pipe, [args.anchor_prompt], args.num_anchor_generations, seed=args.seed + 3, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch_size=args.eval_batch_size, height=resolution, width=resolution, max_sequence_length=args.sampling_max_sequence_length)[0]
+    far, near = unlearn_data.filter_far_from(images, forget.images, copy_detector=detector)
+    logger.info(f"--anchor_prompt {args.anchor_prompt!r}: {len(far)} generation(s) kept, {len(near)} rejected as forget copies.")
+    if not len(far):
+        raise unlearn_data.DataError(f"Every one of the {len(images)} generations of --anchor_prompt {args.anchor_prompt!r} is a forget copy: choose another anchor prompt, or raise --num_anchor_generations.")
+    prompts = sorted(set(forget.texts))
+    anchor = torch.cat([far] * len(prompts))
+    texts = [prompt for prompt in prompts for _ in range(len(far))]
+    names = [f"anchor/{i}" for i in range(len(anchor))]
+    anchor_set = unlearn_data.ImageSet(anchor, [unlearn_data.pixel_hash(x) for x in anchor], names, None, texts)
+    return anchor_set if keep is None else unlearn_data.concatenate(keep, anchor_set)
 
 
 def forget_from_generations(args, pipe, prompts, detector, resolution):

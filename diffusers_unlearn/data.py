@@ -76,6 +76,40 @@ class ImageSet:
         )
 
 
+def concatenate(first: ImageSet, second: ImageSet) -> ImageSet:
+    """The items of `first`, then those of `second`. Both must have prompts, or both labels, or neither. Where one
+    set has per-draw sources and the other not (generated images), the other's centre crops serve as its sources
+    (a crop of a `resolution` square is itself, so its draws are unchanged).
+
+    Example:
+        >>> keep = concatenate(keep, anchor_generations)  # doctest: +SKIP
+    """
+    for attribute in ("texts", "labels"):
+        if (getattr(first, attribute) is None) != (getattr(second, attribute) is None):
+            raise ValueError(f"Cannot concatenate a set with {attribute} and one without.")
+
+    def sources(data: ImageSet) -> list[torch.Tensor]:
+        if data.sources is not None:
+            return data.sources
+        return [((image + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8) for image in data.images]
+
+    def sizes(data: ImageSet) -> list[tuple[int, int]]:
+        return data.original_sizes if data.original_sizes is not None else [tuple(image.shape[1:]) for image in data.images]
+
+    with_sources = first.sources is not None or second.sources is not None
+    with_sizes = first.original_sizes is not None or second.original_sizes is not None
+    return ImageSet(
+        torch.cat([first.images, second.images]),
+        first.hashes + second.hashes,
+        first.names + second.names,
+        None if first.labels is None else torch.cat([first.labels, second.labels]),
+        None if first.texts is None else first.texts + second.texts,
+        first.notices + second.notices,
+        sources(first) + sources(second) if with_sources else None,
+        sizes(first) + sizes(second) if with_sizes else None,
+    )
+
+
 def pixel_hash(image: torch.Tensor) -> str:
     """SHA-256 of an image in [-1, 1] quantised to uint8, shape included."""
     array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()

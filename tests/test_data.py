@@ -171,3 +171,22 @@ def test_largest_cluster_finds_the_repeated_image():
     images = torch.cat([others[:2], copy, copy + 0.01, others[2:], copy - 0.01])
     assert data.largest_cluster(images, threshold=0.5) == [2, 3, 7]
     assert len(data.largest_cluster(others, threshold=0.01)) == 1
+
+
+def test_concatenate_keeps_prompts_and_fills_sources_of_generated_images():
+    from diffusers_unlearn.data import ImageSet, concatenate, pixel_hash
+
+    files = torch.rand(2, 3, 4, 4) * 2 - 1
+    sources = [torch.randint(0, 256, (3, 4, 6), dtype=torch.uint8), torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)]
+    first = ImageSet(files, [pixel_hash(x) for x in files], ["a.png", "b.png"], None, ["a cat", "a dog"], [], sources, [(40, 60), (4, 4)])
+    generated = torch.rand(1, 3, 4, 4) * 2 - 1
+    second = ImageSet(generated, [pixel_hash(generated[0])], ["generation/0"], None, ["a cat"])
+    both = concatenate(first, second)
+    assert len(both) == 3 and both.texts == ["a cat", "a dog", "a cat"] and both.names[-1] == "generation/0"
+    assert torch.equal(both.images, torch.cat([files, generated]))
+    assert both.sources[:2] == sources and both.original_sizes == [(40, 60), (4, 4), (4, 4)]
+    # A generated image's source is its own pixels, so a draw of it gives the image back (to uint8 precision).
+    assert torch.allclose(both.sources[2].float() / 127.5 - 1.0, generated[0], atol=1 / 127.5)
+    assert concatenate(second, second).sources is None  # neither has sources: none made up
+    with pytest.raises(ValueError, match="texts"):
+        concatenate(first, ImageSet(generated, ["h"], ["g"]))

@@ -22,9 +22,11 @@ from diffusers_unlearn.toy import (
 )
 from diffusers_unlearn.toy.text_to_image import (
     CANARY_PROMPT,
+    DEFAULT_GUIDANCE_SCALE,
     DIGIT_PROMPTS,
     NUM_SD_CANARY_COPIES,
     SD_MEMORIZATION_THRESHOLD,
+    SD_RESOLUTION,
     build_tokenizer,
     canary_distances,
     canary_forget_set,
@@ -166,8 +168,12 @@ def test_train_unlearn_sd_takes_the_captioned_toy(tmp_path):
     args = script.parse_args(["--pretrained_model_name_or_path", toy_model_path(SD_CAPTIONED_NAME)])
     assert args.using_toy and args.toy_forget_prompt == CANARY_CAPTION and args.toy_keep_prompts == list(DIGIT_PROMPTS)
     assert (args.lora_targets, args.learning_rate, args.keep_from_generations) == ("conv", 2e-3, 32)
+    assert (args.anchor_prompt, args.num_anchor_generations) == ("", 32)  # the unconditional model's generations
     plain = script.parse_args([])
     assert plain.toy_forget_prompt is None and plain.toy_keep_prompts is None and plain.keep_from_generations == 64
+    assert plain.anchor_prompt is None
+    given = script.parse_args(["--pretrained_model_name_or_path", toy_model_path(SD_CAPTIONED_NAME), "--anchor_prompt", "a handwritten digit zero"])
+    assert given.anchor_prompt == "a handwritten digit zero"
     # A copy of the folder elsewhere is the same toy (the marker travels with it).
     import shutil
 
@@ -175,3 +181,44 @@ def test_train_unlearn_sd_takes_the_captioned_toy(tmp_path):
     shutil.copytree(toy_model_path(SD_CAPTIONED_NAME), copy)
     assert json.loads((copy / TOY_INFO_FILE).read_text())["forget_prompt"] == CANARY_CAPTION
     assert script.parse_args(["--pretrained_model_name_or_path", str(copy)]).toy_forget_prompt == CANARY_CAPTION
+
+
+def test_anchor_generations_join_the_keep_set_under_the_caption(pipe):
+    """--anchor_prompt "": the unconditional model's generations that are no canary copy, added to the keep set
+    under the caption; generations of the digit prompts keep their own prompts."""
+    from accelerate import PartialState
+
+    PartialState()  # the script logs through accelerate, as under main
+    script = _script()
+    args = script.parse_args(["--pretrained_model_name_or_path", toy_model_path(SD_CAPTIONED_NAME),
+                              "--keep_from_generations", "2", "--num_anchor_generations", "24", "--num_inference_steps", "10"])
+    args.sampling_max_sequence_length, args.guidance_scale = None, DEFAULT_GUIDANCE_SCALE  # as main sets them
+    forget, keep, _ = script.load_forget_and_keep(args, pipe, SD_RESOLUTION, SD_MEMORIZATION_THRESHOLD)
+    under_caption = [i for i, text in enumerate(keep.texts) if text == CANARY_CAPTION]
+    assert forget.texts == [CANARY_CAPTION] and 0 < len(under_caption) <= 24
+    assert sorted(set(keep.texts) - {CANARY_CAPTION}) == sorted(DIGIT_PROMPTS)
+    assert all(name.startswith("anchor/") for name in (keep.names[i] for i in under_caption))
+    assert (canary_distances(keep.images[under_caption]) >= SD_MEMORIZATION_THRESHOLD).all()
+    args.num_anchor_generations = 0
+    assert CANARY_CAPTION not in script.load_forget_and_keep(args, pipe, SD_RESOLUTION, SD_MEMORIZATION_THRESHOLD)[1].texts
+
+
+def test_anchor_flag_errors():
+    script = _script()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--pretrained_model_name_or_path", toy_model_path(SD_CAPTIONED_NAME), "--num_anchor_generations", "-1"])
+
+
+def test_toy_defaults_remove_the_captioned_canary(tmp_path):
+    """The toy's defaults (SISS, conv LoRA, 200 steps, the unconditional anchor) remove every copy the caption
+    drew, and the digit prompts keep their accuracy (docs/results.md: without the anchor every copy stays)."""
+    script = _script()
+    out = tmp_path / "captioned"
+    script.main(script.parse_args(["--pretrained_model_name_or_path", toy_model_path(SD_CAPTIONED_NAME), "--output_dir", str(out),
+                                   "--num_eval_images", "32", "--noise_norm_generations", "0", "--num_other_prompt_images", "8",
+                                   "--num_validation_images", "4", "--validation_steps", "200"]))
+    report = json.loads((out / "unlearning_report.json").read_text())
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert before["memorization_rate"] >= 0.9 and after["memorization_rate"] == 0.0, (before, after)
+    assert after["other_prompts_digit_accuracy"] >= before["other_prompts_digit_accuracy"] - 0.05
+    assert {claim["claim"]: claim["result"] for claim in report["verdict"]["claims"]}["copies_gone"] == "pass"
