@@ -17,6 +17,7 @@ evaluation before -> loop -> save, evaluation after, report, card, upload.
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -215,6 +216,16 @@ def check_inputs(args):
             unlearn_data.check_image_folder(folder, what)
     if not os.path.isdir(args.pretrained_model_name_or_path):  # a Hub id: its model_index.json, not the weights
         check_hub_model(args.pretrained_model_name_or_path, DDPM, args.revision, args.cache_dir)
+    elif forgets_a_class(args) and not args.classifier_dir:
+        # The toy classifier reads 8x8 grey images only; read the UNet's config (not its weights) to know.
+        config_path = os.path.join(args.pretrained_model_name_or_path, "unet", "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+            size, channels = args.resolution or config.get("sample_size"), config.get("in_channels")
+            sizes = list(size) if isinstance(size, (list, tuple)) else [size, size]
+            if sizes != [8, 8] or channels != 1:
+                raise UserInputError(f"Class unlearning needs a classifier to measure the forget-class rate, and the bundled one reads 8x8 grey images, not this model's {sizes[0]}x{sizes[1]}x{channels}: pass --classifier_dir.")
     copy_detector_threshold(args, ("memorization_threshold", "keep_generation_threshold"))  # the detector's folder and units
 
 

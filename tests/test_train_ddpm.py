@@ -155,3 +155,18 @@ def test_two_processes_only_rank_zero_writes(workspace, tmp_path):
     for phase in ("before", "after"):
         assert all(report["metrics"][phase][k] is not None for k in ("forget_loss", "keep_loss", "mia_auc"))
     assert completed.stdout.count("Unlearning summary") == 1  # printed (and written) by rank 0 only
+
+
+def test_class_unlearning_without_a_fitting_classifier_fails_before_the_model_loads(workspace, tmp_path, monkeypatch):
+    """The bundled classifier reads 8x8 grey images: for another size, --forget_class needs --classifier_dir, and
+    the UNet's config (not its weights) says so before anything loads."""
+    from diffusers import UNet2DModel
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input check")
+
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", no_loading)
+    with pytest.raises(ValueError, match="reads 8x8 grey images, not this model's 16x16x1: pass --classifier_dir"):
+        args = base_args(workspace, tmp_path / "out", "--forget_dataset_name", "toy-digits", "--forget_class", "3", "--resolution", "16")
+        run(args[:2] + args[4:])  # without --forget_data_dir
+    assert not (tmp_path / "out" / "unlearning_report.json").exists()
