@@ -198,3 +198,36 @@ def test_unlearn_removes_the_toy_canary(caplog):
     after = canary_rate()
     assert before >= 0.3
     assert after <= 0.1 * before, (before, after)
+
+
+def test_unlearn_anchor_prompt_joins_the_keep_set(model_dir, monkeypatch, caplog):
+    """anchor_prompt=: its generations (no forget copy) are trained as keep items under every forget prompt, also
+    when every generation of the forget prompt itself is a copy; a DDPM pipeline refuses it."""
+    from diffusers_unlearn import training
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(unet, schedule, forget_pool, keep_pool, **kwargs):
+        seen["keep"] = keep_pool
+        raise Captured  # no training: the keep set is what is checked
+
+    monkeypatch.setattr(training, "train_adapter", capture)
+    pipe = UnlearnStableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    forget = [(torch.rand(3, 16, 16, generator=g) * 2 - 1, "a digit seven"), (torch.rand(3, 16, 16, generator=g) * 2 - 1, "a photo of a cat")]
+    # A huge threshold makes every generation a "copy": without the anchor the keep set would be empty.
+    with pytest.raises(ValueError, match="keep set is empty"):
+        pipe.unlearn(forget=forget, keep_from_generations=2, memorization_threshold=1e9)
+    with caplog.at_level("INFO"), pytest.raises(Captured):
+        pipe.unlearn(forget=forget, keep_from_generations=2, memorization_threshold=1e-9, anchor_prompt="", num_anchor_generations=3)
+    assert "anchor_prompt '': 3 generation(s) kept" in caplog.text
+    assert len(seen["keep"]) == 2 * 2 + 2 * 3  # two generations per forget prompt, and the 3 anchors under each
+    with pytest.raises(ValueError, match="forget copy: choose another anchor"):
+        pipe.unlearn(forget=forget, keep_from_generations=2, memorization_threshold=1e9, anchor_prompt="")
+    ddpm = UnlearnDDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000))
+    with pytest.raises(ValueError, match="anchor_prompt applies to text-to-image"):
+        ddpm.unlearn(forget=torch.zeros(1, 1, 8, 8), anchor_prompt="")

@@ -276,6 +276,8 @@ class UnlearningMixin:
         seed: int = 0,
         resolution: Optional[int] = None,
         copy_detector=None,
+        anchor_prompt: Optional[str] = None,
+        num_anchor_generations: int = 32,
         **hyperparameters,
     ) -> str:
         """Train an unlearning adapter in process and attach it (strength 1); returns the adapter name.
@@ -291,6 +293,9 @@ class UnlearningMixin:
         float16) keeps its weights so; the adapter trains in float32 under autocast. For a DDPM pipeline `forget` and `keep` are image tensors (N, C, H, W) in [-1, 1].
         `copy_detector` (`metrics.copy_detection.load_copy_detector(...)`) replaces the pixel threshold in the
         keep-from-generations filter, for example with DINOv2 features and a cosine-similarity threshold.
+        `anchor_prompt` (text-to-image only; `""` is the unconditional model) adds `num_anchor_generations` of its
+        generations that are no forget copy to the keep set under every forget prompt: what the forget prompts draw
+        instead, needed when every generation of a forget prompt is a copy (`train_unlearn_sd.py --anchor_prompt`).
         `hyperparameters` go to the method (for example `scaling_norm=0.5` for SISS).
 
         Example:
@@ -312,6 +317,7 @@ class UnlearningMixin:
             raise ValueError(f"The pipeline already has an adapter named {adapter_name!r}; pass another adapter_name.")
         schedule = NoiseSchedule.from_scheduler(self.scheduler)
         if self._is_text_to_image:
+            from ..data import filter_far_from
             from .text_to_image import encode_latents, encode_prompts, generate_images, latent_size, tokenize
 
             if resolution is None:
@@ -319,14 +325,24 @@ class UnlearningMixin:
             latent_size(self, resolution, resolution)  # a multiple of the VAE scale factor
             channels = self.vae.config.in_channels
             forget_images, forget_prompts = _pairs(forget, resolution, channels, "forget")
+            threshold = memorization_threshold or 0.1 * (channels * resolution * resolution) ** 0.5
+            prompts = list(dict.fromkeys(forget_prompts))
+            with_anchor = anchor_prompt is not None and num_anchor_generations > 0
             if keep is None:
-                threshold = memorization_threshold or 0.1 * (channels * resolution * resolution) ** 0.5
-                prompts = list(dict.fromkeys(forget_prompts))
                 with _autocast_for(self.unet):
                     generations = generate_images(self, prompts, keep_from_generations, seed=seed + 1, height=resolution, width=resolution)
-                keep_images, kept_prompts = _keep_far_generations(prompts, generations, forget_images, forget_prompts, threshold, copy_detector)
+                keep_images, kept_prompts = _keep_far_generations(prompts, generations, forget_images, forget_prompts, threshold, copy_detector, allow_empty=with_anchor)
             else:
                 keep_images, kept_prompts = _pairs(keep, resolution, channels, "keep")
+            if with_anchor:
+                with _autocast_for(self.unet):
+                    anchors = generate_images(self, [anchor_prompt], num_anchor_generations, seed=seed + 3, height=resolution, width=resolution)[0]
+                far, near = filter_far_from(anchors, forget_images, threshold, copy_detector=copy_detector)
+                logger.info(f"anchor_prompt {anchor_prompt!r}: {len(far)} generation(s) kept, {len(near)} rejected as forget copies.")
+                if not len(far):
+                    raise ValueError(f"Every generation of anchor_prompt {anchor_prompt!r} is a forget copy: choose another anchor prompt.")
+                keep_images = torch.cat([keep_images.to(far.device, far.dtype)] + [far] * len(prompts))
+                kept_prompts = kept_prompts + [prompt for prompt in prompts for _ in range(len(far))]
 
             def pool(images, prompts):
                 latents = encode_latents(self.vae, images)
@@ -336,6 +352,8 @@ class UnlearningMixin:
             forget_pool, keep_pool = pool(forget_images, forget_prompts), pool(keep_images, kept_prompts)
             targets = lora_targets or "attention"
         else:
+            if anchor_prompt is not None:
+                raise ValueError("anchor_prompt applies to text-to-image pipelines; an unconditional DDPM has no prompt to anchor.")
             forget_pool = BatchPool(torch.as_tensor(forget).float().to(self.unet.device))
             keep_pool = None if keep is None else BatchPool(torch.as_tensor(keep).float().to(self.unet.device))
             targets = lora_targets or "attention_conv"
@@ -353,6 +371,7 @@ def _keep_far_generations(
     prompts: list[str], generations: list[torch.Tensor], forget_images: torch.Tensor, forget_prompts: list[str],
     threshold: float,
     copy_detector=None,
+    allow_empty: bool = False,
 ) -> tuple[torch.Tensor, list[str]]:
     """unlearn()'s keep set from generations: per prompt, the generations farther than `threshold` from that
     prompt's forget images (and from every generation already rejected), or not copies of them by
@@ -366,8 +385,8 @@ def _keep_far_generations(
         logger.info(f"keep_from_generations, {prompt!r}: {len(far)} generation(s) kept, {len(near)} rejected as forget copies.")
         kept.append(far)
         kept_prompts += [prompt] * len(far)
-    if not kept_prompts:
-        raise ValueError("Every generation is close to a forget image: the keep set is empty. Pass keep= or raise keep_from_generations.")
+    if not kept_prompts and not allow_empty:  # allow_empty: anchor generations follow
+        raise ValueError("Every generation is close to a forget image: the keep set is empty. Pass keep=, anchor_prompt=, or raise keep_from_generations.")
     return torch.cat(kept), kept_prompts
 
 
