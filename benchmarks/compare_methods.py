@@ -18,7 +18,7 @@ The data-unlearning table also measures each method against the gold standard, t
 the canary (`retrain` row; columns FD→retrain, loss gap, AUC vs retrain; docs/metrics.md, "Distance to retrain").
 
 With --text_to_image_toy, the same comparison runs through train_unlearn_sd.py on a text-to-image toy
-(sd_tiny, or sd3_tiny for flow matching): each method with the script's toy defaults, one table.
+(sd_tiny, sd_tiny_captioned whose canary has a caption of its own, or sd3_tiny for flow matching): each method with the script's toy defaults, one table.
 
     python benchmarks/compare_methods.py --text_to_image_toy sd3_tiny --output_dir compare-flow
 """
@@ -101,7 +101,7 @@ def parse_args():
                         help="data unlearning: the DDPM retrained without the canary (default: the bundled "
                              "ddpm_unconditional_retrained_without_canary)")
     parser.add_argument("--skip_retrain", action="store_true", help="data unlearning: no retrain row or distance-to-retrain columns")
-    parser.add_argument("--text_to_image_toy", choices=["sd_tiny", "sd3_tiny"], default=None,
+    parser.add_argument("--text_to_image_toy", choices=["sd_tiny", "sd_tiny_captioned", "sd3_tiny"], default=None,
                         help="compare naive deletion, NegGrad, EraseDiff and SISS through train_unlearn_sd.py on this toy "
                              "(the script's toy defaults; --max_train_steps and the evaluation sizes are not applied)")
     args = parser.parse_args()
